@@ -1,0 +1,5 @@
+import sys
+
+from smolcluster.cli import main
+
+sys.exit(main())

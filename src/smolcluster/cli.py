@@ -1,0 +1,175 @@
+"""The `smolcluster` command: server, worker, run (a local cluster) and eval."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from loguru import logger
+
+from smolcluster import log
+from smolcluster.config import Config, ConfigError, load_config
+
+EPILOG = "Config keys and their defaults: see README.md, or configs/*.yaml."
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("configuration")
+    g.add_argument("--cluster-config", metavar="FILE", help="cluster YAML (default: configs/cluster_config.yaml)")
+    g.add_argument("--nn-config", metavar="FILE", help="model/training YAML (default: configs/nn_config.yaml)")
+    g.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides",
+                   help="override any key, e.g. --set training.batch_size=64 (repeatable)")
+    g.add_argument("--workers", type=int, metavar="N", help="= --set cluster.num_workers=N")
+    g.add_argument("--epochs", type=int, metavar="E", help="= --set training.num_epochs=E")
+    g.add_argument("--model", metavar="NAME", help="SimpleNN, MLP or CNN, with its preset sizes")
+    g.add_argument("--seed", type=int, metavar="S", help="= --set cluster.seed=S")
+    g.add_argument("--out", metavar="DIR", help="= --set training.out_dir=DIR")
+    g.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def _shortcut_overrides(args: argparse.Namespace) -> list[str]:
+    """Shortcuts first, so an explicit --set always wins."""
+    from smolcluster.models import PRESETS
+
+    out: list[str] = []
+    if args.model is not None:
+        if args.model not in PRESETS:
+            raise ConfigError(f"--model {args.model}: choose one of {', '.join(PRESETS)}")
+        out.append(f"model.type={args.model}")
+        out += [f"model.{k}={json.dumps(v)}" for k, v in PRESETS[args.model].items()]
+    for flag, key in (("workers", "cluster.num_workers"), ("epochs", "training.num_epochs"),
+                      ("seed", "cluster.seed"), ("out", "training.out_dir")):
+        value = getattr(args, flag)
+        if value is not None:
+            out.append(f"{key}={json.dumps(value) if isinstance(value, str) else value}")
+    return out + args.overrides
+
+
+def _load(args: argparse.Namespace) -> tuple[Config, list[str]]:
+    """The validated config, and the flags that reproduce it in a child process."""
+    overrides = _shortcut_overrides(args)
+    cfg = load_config(args.cluster_config, args.nn_config, overrides)
+    passthrough = [*(["--cluster-config", args.cluster_config] if args.cluster_config else []),
+                   *(["--nn-config", args.nn_config] if args.nn_config else []),
+                   "--log-level", args.log_level]
+    for o in overrides:
+        passthrough += ["--set", o]
+    return cfg, passthrough
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="smolcluster", description=__doc__, epilog=EPILOG)
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("server", help="run the parameter server", epilog=EPILOG)
+    _config_args(s)
+    w = sub.add_parser("worker", help="run one worker", epilog=EPILOG)
+    w.add_argument("--id", type=int, required=True, metavar="K", help="worker id, 1..num_workers")
+    w.add_argument("--host", metavar="NAME", help="this machine's name in a host_ip map (default: hostname)")
+    w.add_argument("--fault", action="append", default=[], metavar="STEP:KIND[:ARG]",
+                   help="inject a fault (testing): sleep:S, exit, kill, disconnect, garbage, nan")
+    w.add_argument("--save-params", metavar="FILE", help="also save this worker's final parameters (safetensors)")
+    _config_args(w)
+    r = sub.add_parser("run", help="run a server and N workers on this machine (the default job)", epilog=EPILOG)
+    _config_args(r)
+    e = sub.add_parser("eval", help="evaluate a saved model.safetensors on the test set", epilog=EPILOG)
+    e.add_argument("model_path", metavar="MODEL", help="path to model.safetensors")
+    _config_args(e)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    role = {"worker": f"worker {getattr(args, 'id', '')}"}.get(args.command, args.command)
+    log.setup(role, args.log_level)
+    try:
+        cfg, passthrough = _load(args)
+        return COMMANDS[args.command](args, cfg, passthrough)
+    except ConfigError as e:
+        logger.error(f"config error: {e}")
+        return 2
+    except KeyboardInterrupt:
+        logger.warning("interrupted")
+        return 130
+    except Exception as e:  # a clear one-line reason, then the details for a bug report
+        from smolcluster.server import ClusterError
+        from smolcluster.worker import WorkerError
+        from smolcluster.data import DataError
+
+        if isinstance(e, (ClusterError, WorkerError, DataError)):
+            logger.error(str(e))
+            return 1
+        raise
+
+
+def _server(args: argparse.Namespace, cfg: Config, _: list[str]) -> int:
+    from smolcluster.runner import watch_parent
+    from smolcluster.server import Server
+
+    watch_parent()
+    summary = Server(cfg).run()
+    print(f"test accuracy: {summary['test_accuracy']:.2f}%", flush=True)
+    return 0
+
+
+def _worker(args: argparse.Namespace, cfg: Config, _: list[str]) -> int:
+    from smolcluster.faults import parse_fault
+    from smolcluster.runner import watch_parent
+    from smolcluster.worker import Worker
+
+    watch_parent()
+    try:
+        faults = [parse_fault(f) for f in args.fault]
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    save = Path(args.save_params) if args.save_params else None
+    Worker(cfg, args.id, host=args.host, faults=faults, save_params=save).run()
+    return 0
+
+
+def _run(args: argparse.Namespace, cfg: Config, passthrough: list[str]) -> int:
+    from smolcluster.runner import run_local
+
+    code = run_local(cfg, passthrough)
+    summary_path = Path(cfg.training.out_dir) / "summary.json"
+    if code == 0 and summary_path.exists():
+        summary = json.loads(summary_path.read_text())
+        print(
+            f"test accuracy: {summary['test_accuracy']:.2f}% ({summary['steps']} steps, "
+            f"{summary['workers']} workers, {summary['wall_s']:.1f} s); "
+            f"model and summary in {summary_path.parent}/",
+            flush=True,
+        )
+    return code
+
+
+def _eval(args: argparse.Namespace, cfg: Config, _: list[str]) -> int:
+    from smolcluster import data
+    from smolcluster.config import DatasetConfig, build
+    from smolcluster.results import load_model
+    from smolcluster.train import evaluate
+
+    model, _model_cfg, meta = load_model(Path(args.model_path))
+    # The dataset the model was trained on, unless the command line names another.
+    dataset, seed = cfg.dataset, cfg.cluster.seed
+    if "smolcluster.dataset" in meta and not any(o.startswith("dataset.") for o in args.overrides):
+        dataset = build(DatasetConfig, json.loads(meta["smolcluster.dataset"]), "dataset")
+        seed = int(meta.get("smolcluster.seed", seed))
+    test = data.load_split(dataset, "test", seed)
+    loss, acc = evaluate(model, test)
+    print(f"test accuracy: {acc:.2f}% (loss {loss:.4f}, {len(test)} samples)", flush=True)
+    return 0
+
+
+COMMANDS = {"server": _server, "worker": _worker, "run": _run, "eval": _eval}
+
+
+def server_alias() -> int:
+    """`uv run server ...` == `smolcluster server ...` (upstream habit)."""
+    return main(["server", *sys.argv[1:]])
+
+
+def worker_alias() -> int:
+    """`uv run worker --id K ...` == `smolcluster worker --id K ...`."""
+    return main(["worker", *sys.argv[1:]])

@@ -1,0 +1,417 @@
+"""Typed, validated configuration loaded from the YAML files in `configs/`.
+
+Two files describe a job, as upstream had them: the cluster (`cluster_config.yaml`, its keys live
+under `cluster.`) and the model/training (`nn_config.yaml`, sections `training`, `model`,
+`dataset`, `wandb`). Every key is checked at load time; an error names the file and the key path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from loguru import logger
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_CLUSTER = REPO_ROOT / "configs" / "cluster_config.yaml"
+DEFAULT_NN = REPO_ROOT / "configs" / "nn_config.yaml"
+
+
+class ConfigError(ValueError):
+    """A config file, override or flag is invalid; the message names the file and the key."""
+
+
+def _positive(name: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{name}: expected a number {bound}, got {value!r}")
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class ClusterConfig:
+    """Where the server is and how long anyone waits for anyone."""
+
+    host_ip: str | dict[str, str] = "127.0.0.1"
+    """Address workers connect to; or a map host name -> server address as seen from that host
+    (a worker picks its own host name, then `default`)."""
+    bind: str | None = None
+    """Address the server listens on; default: `host_ip` when it is one address, else 0.0.0.0."""
+    port: int = 65432
+    num_workers: int = 2
+    """Workers the server waits for before step 0; ids are 1..num_workers."""
+    min_workers: int | None = None
+    """Fewest gradients a step may be averaged over once `step_timeout` passed; default: all."""
+    step_timeout: float = 10.0
+    """Seconds the server waits for the rest after a step's first gradient arrives."""
+    worker_timeout: float = 120.0
+    """Seconds without progress after which a peer is declared gone (either direction)."""
+    join_timeout: float = 600.0
+    """Seconds the server waits for all workers to join before giving up."""
+    connect_timeout: float = 120.0
+    """Seconds a worker keeps retrying to reach the server before it gives up."""
+    seed: int = 42
+    checksum_steps: int = 100
+    """Every this many steps each worker sends a checksum of its parameters (0: never)."""
+    server: str = "localhost"
+    """Host name of the server machine (used by launch.sh)."""
+    workers: list[str] = field(default_factory=list)
+    """Host names of the workers, ids 1..N in list order (used by launch.sh)."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"port: expected 1..65535, got {self.port}")
+        if self.num_workers < 1:
+            raise ConfigError(f"num_workers: expected an integer >= 1, got {self.num_workers}")
+        if self.min_workers is not None and not 1 <= self.min_workers <= self.num_workers:
+            raise ConfigError(
+                f"min_workers: expected 1..num_workers ({self.num_workers}), got {self.min_workers}"
+            )
+        for name in ("step_timeout", "worker_timeout", "join_timeout", "connect_timeout"):
+            _positive(name, getattr(self, name))
+        _positive("checksum_steps", self.checksum_steps, allow_zero=True)
+        if self.workers and len(self.workers) != self.num_workers:
+            raise ConfigError(
+                f"workers: lists {len(self.workers)} hosts but num_workers is {self.num_workers}"
+            )
+
+    @property
+    def quorum(self) -> int:
+        return self.num_workers if self.min_workers is None else self.min_workers
+
+    def server_address(self, host: str | None = None) -> str:
+        """The address a worker on `host` dials."""
+        if isinstance(self.host_ip, str):
+            return self.host_ip
+        import socket
+
+        name = host or socket.gethostname()
+        for key in (name, name.split(".")[0], "default"):
+            if key in self.host_ip:
+                return self.host_ip[key]
+        raise ConfigError(f"host_ip: no entry for host {name!r} and no 'default' entry")
+
+    def bind_address(self) -> str:
+        if self.bind is not None:
+            return self.bind
+        return self.host_ip if isinstance(self.host_ip, str) else "0.0.0.0"
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class TrainingConfig:
+    """What every replica does each step; identical on every machine (checked at the handshake)."""
+
+    batch_size: int = 32
+    """Samples per worker per step."""
+    learning_rate: float = 0.003
+    """Peak learning rate (reached after warmup_steps, then follows lr_schedule)."""
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    """cosine: decay to 0 over the run; constant: keep learning_rate."""
+    warmup_steps: int = 0
+    """Linear warm-up from 0 over this many steps."""
+    optimizer: Literal["sgd", "adam", "adamw"] = "adam"
+    momentum: float = 0.0
+    """SGD momentum (sgd only)."""
+    weight_decay: float = 0.0
+    num_epochs: int = 2
+    eval_steps: int = 200
+    """The server evaluates on the test set every this many steps (0: only at the end)."""
+    track_gradients: bool = False
+    """Log every layer's gradient norm to W&B."""
+    threads: int = 0
+    """torch threads per process (0: torch's default)."""
+    out_dir: str = "runs/latest"
+    """Where the server writes model.safetensors and summary.json."""
+    max_steps: int = 0
+    """Stop after this many steps (0: run all epochs); for quick tries."""
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "num_epochs", "learning_rate"):
+            _positive(name, getattr(self, name))
+        for name in ("momentum", "weight_decay", "eval_steps", "threads", "max_steps", "warmup_steps"):
+            _positive(name, getattr(self, name), allow_zero=True)
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class ModelConfig:
+    """A model from the registry in models.py, with its sizes."""
+
+    type: str = "SimpleNN"
+    """SimpleNN (input-hidden-out), MLP (any list of hidden sizes) or CNN."""
+    input_dim: int = 784
+    hidden: int | list[int] = 128
+    """Hidden width (SimpleNN, CNN) or list of widths (MLP)."""
+    out: int = 10
+    channels: list[int] = field(default_factory=lambda: [16, 32])
+    """CNN only: output channels of each 3x3 conv + 2x2 max-pool stage."""
+
+    def __post_init__(self) -> None:
+        from smolcluster.models import MODELS
+
+        if self.type not in MODELS:
+            raise ConfigError(f"type: unknown model {self.type!r}; choose one of {sorted(MODELS)}")
+        widths = [self.hidden] if isinstance(self.hidden, int) else self.hidden
+        for name, values in (("hidden", widths), ("channels", self.channels)):
+            if not values or any(v < 1 for v in values):
+                raise ConfigError(f"{name}: expected positive sizes, got {values!r}")
+        if self.type == "SimpleNN" and not isinstance(self.hidden, int):
+            raise ConfigError(f"hidden: SimpleNN takes one width, got {self.hidden!r} (use MLP)")
+        _positive("input_dim", self.input_dim)
+        _positive("out", self.out)
+
+    @property
+    def hidden_sizes(self) -> list[int]:
+        return [self.hidden] if isinstance(self.hidden, int) else list(self.hidden)
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class DatasetConfig:
+    """Which data to train on; MNIST ships with the repository, synthetic is for fast tests."""
+
+    name: Literal["MNIST", "synthetic"] = "MNIST"
+    root: str | None = None
+    """Folder with the MNIST IDX files; default: the repository's data/mnist."""
+    train_size: int = 0
+    """Use only the first this many training samples (0: all; synthetic: default 4096)."""
+    test_size: int = 0
+    """Use only the first this many test samples (0: all; synthetic: default 1024)."""
+
+    def __post_init__(self) -> None:
+        _positive("train_size", self.train_size, allow_zero=True)
+        _positive("test_size", self.test_size, allow_zero=True)
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class WandbConfig:
+    """Weights & Biases; offline unless an API key is set and `online` is asked for."""
+
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    project: str = "smolcluster"
+    entity: str | None = None
+    group: str | None = None
+    """Group of this cluster run; default: a name made from the time and the model."""
+    dir: str | None = None
+    """Where offline runs are written; default: the run's out_dir."""
+    init_timeout: float = 30.0
+    """Seconds wandb.init may take before the run goes on without W&B."""
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class Config:
+    """One job: the cluster plus what it trains."""
+
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What must agree between server and workers for replicas to stay identical."""
+        d = self.to_dict()
+        t = {k: d["training"][k] for k in FINGERPRINT_TRAINING}
+        return {
+            "training": t,
+            "model": d["model"],
+            "dataset": {k: v for k, v in d["dataset"].items() if k != "root"},
+            "cluster": {"seed": self.cluster.seed, "num_workers": self.cluster.num_workers},
+        }
+
+    def replace(self, section: str, **changes: Any) -> Config:
+        return dataclasses.replace(self, **{section: dataclasses.replace(getattr(self, section), **changes)})
+
+
+FINGERPRINT_TRAINING = (
+    "batch_size", "learning_rate", "lr_schedule", "warmup_steps", "optimizer", "momentum", "weight_decay",
+    "num_epochs", "max_steps",
+)
+
+# Keys of upstream's files that moved; their values are carried over with a warning.
+LEGACY_CLUSTER = {"timeout": "step_timeout"}
+LEGACY_NN = {k: "training" for k in ("batch_size", "learning_rate", "num_epochs", "eval_steps", "track_gradients")}
+
+
+def diff_fingerprints(ours: dict[str, Any], theirs: dict[str, Any]) -> list[str]:
+    """Human-readable differences between two fingerprints ('training.learning_rate: 0.001 != 0.01')."""
+    out: list[str] = []
+    for key in sorted(set(ours) | set(theirs)):
+        a, b = ours.get(key), theirs.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += [f"{key}.{line}" for line in diff_fingerprints(a, b)]
+        elif a != b:
+            out.append(f"{key}: server has {json.dumps(a)}, worker has {json.dumps(b)}")
+    return out
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+
+def _describe(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    """Check `value` against the type hint `tp`; return it (ints are accepted for floats)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(option, value, where)
+            except ConfigError as e:
+                errors.append(str(e).split(": expected ", 1)[-1])
+        raise ConfigError(f"{where}: expected {' or '.join(errors)}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{where}: expected null, got {_describe(value)}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices:
+            return value
+        raise ConfigError(f"{where}: expected one of {list(choices)}, got {_describe(value)}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {_describe(value)}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {_describe(value)}")
+        _, item = typing.get_args(tp)
+        return {str(k): _coerce(item, v, f"{where}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {_describe(value)}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {_describe(value)}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected a number, got {_describe(value)}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {_describe(value)}")
+    raise TypeError(f"unsupported config type {tp!r} at {where}")
+
+
+def build(cls: type, raw: Any, where: str) -> Any:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys and wrong types by key path."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'top level'}: expected a mapping, got {_describe(raw)}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    prefix = f"{where}." if where else ""
+    unknown = [k for k in raw if k not in names]
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key; known keys are {', '.join(names)}")
+    kwargs = {}
+    for name, value in raw.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = build(tp, value, f"{prefix}{name}")
+        else:
+            kwargs[name] = _coerce(tp, value, f"{prefix}{name}")
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{prefix}{e}") from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level")
+    return data
+
+
+def _migrate(raw: dict[str, Any], moves: dict[str, str], path: Path, nest: bool) -> None:
+    for old, new in moves.items():
+        if old not in raw:
+            continue
+        value = raw.pop(old)
+        if nest:
+            raw.setdefault(new, {})[old] = value
+            logger.warning(f"{path}: key '{old}' now lives under '{new}.{old}'; using it from there")
+        else:
+            raw[new] = value
+            logger.warning(f"{path}: key '{old}' is now called '{new}'; using it as that")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'training.batch_size=64' -> (['training', 'batch_size'], 64); the value is read as YAML."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. training.batch_size=64")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {text!r}: value is not valid YAML: {e}") from None
+    return key.strip().split("."), parsed
+
+
+def load_config(
+    cluster_path: str | Path | None = None,
+    nn_path: str | Path | None = None,
+    overrides: list[str] = (),  # type: ignore[assignment]
+) -> Config:
+    """Load both files, apply `--set` overrides, validate; raises ConfigError naming file and key."""
+    cpath = Path(cluster_path) if cluster_path else DEFAULT_CLUSTER
+    npath = Path(nn_path) if nn_path else DEFAULT_NN
+    cluster_raw = _read_yaml(cpath)
+    nn_raw = _read_yaml(npath)
+    _migrate(cluster_raw, LEGACY_CLUSTER, cpath, nest=False)
+    _migrate(nn_raw, LEGACY_NN, npath, nest=True)
+    sections = {"cluster": cluster_raw, **{k: v for k, v in nn_raw.items()}}
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = sections
+        for k in keys[:-1]:
+            child = node.setdefault(k, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {text}: {k} is not a section")
+            node = child
+        node[keys[-1]] = value
+    for key in list(sections):
+        if key not in ("cluster", "training", "model", "dataset", "wandb"):
+            raise ConfigError(
+                f"{npath}: {key}: unknown section; known sections are training, model, dataset, wandb"
+            )
+    set_keys = {".".join(parse_override(t)[0]) for t in overrides}
+
+    def located(error: ConfigError, path: Path, prefix: str) -> ConfigError:
+        key = prefix + str(error).split(":", 1)[0].split("[", 1)[0]
+        if key in set_keys:
+            return ConfigError(f"--set {prefix}{error}")
+        return ConfigError(f"{path}: {error}")
+
+    try:
+        cluster = build(ClusterConfig, sections.pop("cluster"), "")
+    except ConfigError as e:
+        raise located(e, cpath, "cluster.") from None
+    try:
+        rest = build(Config, sections, "")
+    except ConfigError as e:
+        raise located(e, npath, "") from None
+    return dataclasses.replace(rest, cluster=cluster)

@@ -1,0 +1,34 @@
+"""Fault injection for tests and chaos drills: `worker --fault STEP:KIND[:ARG]`.
+
+Kinds: `sleep:SECONDS` before sending the step's gradient; `exit` (clean goodbye and exit 0);
+`kill` (SIGKILL itself, as a crash would); `disconnect` (send half a gradient frame, then drop the
+connection); `garbage` (send random bytes instead of a frame); `nan` (send a NaN gradient).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+Kind = Literal["sleep", "exit", "kill", "disconnect", "garbage", "nan"]
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    step: int
+    kind: Kind
+    arg: float = 0.0
+
+
+def parse_fault(text: str) -> Fault:
+    """'5:sleep:3' -> Fault(step=5, kind='sleep', arg=3.0); raises ValueError with the reason."""
+    parts = text.split(":")
+    if len(parts) not in (2, 3) or not parts[0].isdigit() or parts[1] not in get_args(Kind):
+        raise ValueError(f"--fault {text!r}: expected STEP:KIND[:ARG] with KIND one of {', '.join(get_args(Kind))}")
+    if parts[1] == "sleep" and len(parts) != 3:
+        raise ValueError(f"--fault {text!r}: sleep needs seconds, e.g. 5:sleep:3")
+    try:
+        arg = float(parts[2]) if len(parts) == 3 else 0.0
+    except ValueError:
+        raise ValueError(f"--fault {text!r}: {parts[2]!r} is not a number") from None
+    return Fault(int(parts[0]), parts[1], arg)  # type: ignore[arg-type]

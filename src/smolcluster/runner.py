@@ -1,0 +1,187 @@
+"""`smolcluster run`: a whole cluster (server + N workers) as child processes on this machine.
+
+The children are real processes talking over loopback TCP, exactly as on separate machines. The
+parent draws their progress, copies their logs to out_dir/logs/, stops everyone if anyone fails,
+and never leaves a child behind (children also exit on their own if the parent disappears).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from pathlib import Path
+
+from loguru import logger
+from tqdm import tqdm
+
+from smolcluster.config import Config
+from smolcluster.progress import PROGRESS_PREFIX
+
+STOP_GRACE_S = 5.0
+
+
+def port_is_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class Child:
+    """One child process, its log file, its progress bar and the tail of its output."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_path: Path, position: int) -> None:
+        self.name = name
+        self.tail: deque[str] = deque(maxlen=30)
+        self.log = log_path.open("w")
+        self.bar: tqdm | None = None
+        self.position = position
+        self.proc = subprocess.Popen(
+            argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True, text=True, bufsize=1,
+        )
+        self.reader = threading.Thread(target=self._pump, daemon=True, name=f"read-{name}")
+        self.reader.start()
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith(PROGRESS_PREFIX):
+                self._progress(line[len(PROGRESS_PREFIX):])
+                continue
+            self.log.write(line)
+            self.log.flush()
+            self.tail.append(line.rstrip())
+            tqdm.write(line.rstrip(), file=sys.stderr)
+
+    def _progress(self, text: str) -> None:
+        try:
+            state = json.loads(text)
+        except json.JSONDecodeError:
+            return
+        if not sys.stderr.isatty():
+            return
+        if self.bar is None:
+            self.bar = tqdm(total=state["total"], desc=f"{self.name:>9}", position=self.position,
+                            file=sys.stderr, dynamic_ncols=True, leave=False)
+        self.bar.n = state["n"]
+        self.bar.set_postfix({k: v for k, v in state.items() if k not in ("desc", "n", "total")}, refresh=False)
+        self.bar.refresh()
+
+    def why(self) -> str:
+        """The child's last error line, else its last line."""
+        for line in reversed(self.tail):
+            if "ERROR" in line or "Error" in line:
+                return line
+        return self.tail[-1] if self.tail else "(no output)"
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def close(self) -> None:
+        self.reader.join(timeout=2.0)
+        if self.bar is not None:
+            self.bar.close()
+        self.log.close()
+
+
+def stop_all(children: list[Child]) -> None:
+    """SIGTERM everyone, then SIGKILL whoever is still there after STOP_GRACE_S seconds."""
+    for child in children:
+        child.stop(signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE_S
+    for child in children:
+        try:
+            child.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.stop(signal.SIGKILL)
+            child.proc.wait()
+
+
+def run_local(cfg: Config, config_args: list[str]) -> int:
+    """Start and supervise the cluster; returns the exit code for the shell."""
+    c, t = cfg.cluster, cfg.training
+    port = c.port if port_is_free("127.0.0.1", c.port) else free_port()
+    if port != c.port:
+        logger.info(f"port {c.port} is busy; using {port} for this local cluster")
+    threads = t.threads or max(1, (os.cpu_count() or 1) // c.num_workers)
+    common = [
+        *config_args, "--set", f"cluster.port={port}", "--set", "cluster.host_ip=127.0.0.1",
+        "--set", "cluster.bind=127.0.0.1", "--set", f"training.threads={threads}",
+    ]
+    out = Path(t.out_dir)
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "SMOLCLUSTER_PROGRESS": "json", "SMOLCLUSTER_PARENT_PID": str(os.getpid()),
+           "PYTHONUNBUFFERED": "1"}
+    base = [sys.executable, "-m", "smolcluster"]
+    logger.info(f"starting a local cluster: 1 server + {c.num_workers} workers on 127.0.0.1:{port}, logs in {out / 'logs'}")
+    children: list[Child] = []
+    try:
+        children.append(Child("server", [*base, "server", *common], env, out / "logs" / "server.log", 0))
+        for k in range(1, c.num_workers + 1):
+            children.append(Child(f"worker {k}", [*base, "worker", "--id", str(k), *common], env,
+                                  out / "logs" / f"worker-{k}.log", k))
+        return _supervise(children, out)
+    except KeyboardInterrupt:
+        logger.warning("interrupted: stopping the server and every worker")
+        stop_all(children)
+        return 130
+    finally:
+        stop_all(children)
+        for child in children:
+            child.close()
+
+
+def _supervise(children: list[Child], out: Path) -> int:
+    server = children[0]
+    while True:
+        for child in children:
+            code = child.proc.poll()
+            if code not in (None, 0):
+                logger.error(f"{child.name} exited with code {code}: {child.why()}")
+                logger.error(f"stopping the rest; full logs in {out / 'logs'}")
+                stop_all(children)
+                return 1
+        if server.proc.poll() == 0:
+            deadline = time.monotonic() + 30.0
+            while any(ch.proc.poll() is None for ch in children) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            failed = [ch for ch in children if ch.proc.poll() not in (0,)]
+            for ch in failed:
+                logger.error(f"{ch.name} did not finish cleanly ({ch.proc.poll()}): {ch.why()}")
+            return 1 if failed else 0
+        time.sleep(0.1)
+
+
+def watch_parent() -> None:
+    """In a child of `run`: exit if the parent died (a SIGKILLed parent cannot clean up)."""
+    pid = os.environ.get("SMOLCLUSTER_PARENT_PID")
+    if not pid:
+        return
+
+    def loop() -> None:
+        while os.getppid() == int(pid):
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=loop, daemon=True, name="watch-parent").start()

@@ -1,0 +1,320 @@
+"""The wire protocol: versioned, length-prefixed binary frames. No pickle, ever.
+
+A frame is a fixed 36-byte header followed by `length` payload bytes:
+
+    offset size field
+    0      4    magic    b"SMCL"
+    4      1    version  PROTOCOL_VERSION
+    5      1    type     MsgType
+    6      1    dtype    DType of a tensor payload (NONE for JSON / empty payloads)
+    7      1    flags    reserved, 0
+    8      4    worker   worker id (1..N; 0 for the server)
+    12     8    step     training step the frame belongs to
+    20     8    offset   first element of a tensor payload within the flat buffer
+    28     4    count    samples behind a gradient (GRAD); 0 otherwise
+    32     4    length   payload bytes
+
+all big-endian. Tensor payloads are raw little-endian element bytes of one contiguous slice of
+the flat parameter order; control payloads are UTF-8 JSON objects of at most MAX_JSON bytes. A
+receiver checks every length against what the model implies *before* it reads the payload, and
+reads tensor payloads straight into preallocated buffers with `recv_into`.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import socket
+import struct
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable
+
+MAGIC = b"SMCL"
+PROTOCOL_VERSION = 1
+HEADER = struct.Struct("!4sBBBBIQQII")
+HEADER_SIZE = HEADER.size
+MAX_JSON = 64 * 1024
+MAX_U32 = 2**32 - 1
+_SKIP_CHUNK = 64 * 1024
+_IOV_MAX = 64
+
+
+class MsgType(enum.IntEnum):
+    HELLO = 1  # worker -> server, JSON: id, config fingerprint, layout
+    WELCOME = 2  # server -> worker, JSON: the run's shape (steps, workers)
+    REJECT = 3  # server -> worker, JSON: why the handshake was refused
+    PARAMS = 4  # server -> worker, tensor: parameters to start from at `step`
+    GRAD = 5  # worker -> server, tensor: gradient of `step` over `count` samples
+    AVG = 6  # server -> worker, tensor: averaged gradient of `step`
+    CHECKSUM = 7  # worker -> server, JSON: crc32 of the parameters after `step`
+    DONE = 8  # server -> worker, JSON: final metrics; training is over
+    BYE = 9  # worker -> server: clean goodbye
+    ERROR = 10  # either way, JSON: a fatal error the peer should print
+    HEARTBEAT = 11  # either way, empty: still alive
+    CHALLENGE = 12  # server -> worker, JSON: nonce for the token proof
+    AUTH = 13  # worker -> server, JSON: HMAC of the nonce
+    STATE = 14  # server -> worker, tensor: optimizer state for a rejoining worker
+
+
+class DType(enum.IntEnum):
+    NONE = 0
+    F32 = 1
+    BF16 = 2
+    F16 = 3
+    I8 = 4
+
+
+JSON_TYPES = frozenset(
+    {MsgType.HELLO, MsgType.WELCOME, MsgType.REJECT, MsgType.CHECKSUM, MsgType.DONE, MsgType.ERROR,
+     MsgType.CHALLENGE, MsgType.AUTH}
+)
+EMPTY_TYPES = frozenset({MsgType.BYE, MsgType.HEARTBEAT})
+
+
+class ProtocolError(Exception):
+    """A peer sent something that is not a valid frame here; the message names the peer."""
+
+
+class ConnectionClosed(ConnectionError):
+    """The peer closed the connection (cleanly or not)."""
+
+
+@dataclass(slots=True, frozen=True)
+class Header:
+    type: MsgType
+    step: int = 0
+    worker: int = 0
+    length: int = 0
+    dtype: DType = DType.NONE
+    offset: int = 0
+    count: int = 0
+
+    def pack(self) -> bytes:
+        return HEADER.pack(
+            MAGIC, PROTOCOL_VERSION, self.type, self.dtype, 0, self.worker, self.step, self.offset,
+            self.count, self.length,
+        )
+
+
+def unpack_header(buf: bytes | bytearray | memoryview, peer: str) -> Header:
+    """Parse and check a header; anything off is a ProtocolError naming `peer`."""
+    if len(buf) != HEADER_SIZE:
+        raise ProtocolError(f"{peer}: truncated header ({len(buf)} of {HEADER_SIZE} bytes)")
+    magic, version, mtype, dtype, flags, worker, step, offset, count, length = HEADER.unpack(buf)
+    if magic != MAGIC:
+        hint = " (a pickle?)" if bytes(magic[:1]) == b"\x80" else ""
+        raise ProtocolError(f"{peer}: bad magic {bytes(magic)!r}{hint}: not a smolcluster peer")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"{peer}: speaks protocol version {version}, this side speaks {PROTOCOL_VERSION}: "
+            "run the same smolcluster version everywhere"
+        )
+    try:
+        mtype = MsgType(mtype)
+    except ValueError:
+        raise ProtocolError(f"{peer}: unknown message type {mtype}") from None
+    try:
+        dtype = DType(dtype)
+    except ValueError:
+        raise ProtocolError(f"{peer}: unknown dtype {dtype} in {mtype.name}") from None
+    if flags != 0:
+        raise ProtocolError(f"{peer}: unknown flags {flags:#x} in {mtype.name}")
+    if mtype in JSON_TYPES and length > MAX_JSON:
+        raise ProtocolError(f"{peer}: {mtype.name} of {length} bytes exceeds the {MAX_JSON}-byte limit")
+    if mtype in EMPTY_TYPES and length:
+        raise ProtocolError(f"{peer}: {mtype.name} must be empty, has {length} bytes")
+    if (mtype in JSON_TYPES or mtype in EMPTY_TYPES) != (dtype == DType.NONE):
+        raise ProtocolError(f"{peer}: {mtype.name} with dtype {dtype.name}")
+    return Header(mtype, step, worker, length, dtype, offset, count)
+
+
+def encode_json(obj: dict[str, Any]) -> bytes:
+    data = json.dumps(obj, separators=(",", ":")).encode()
+    if len(data) > MAX_JSON:
+        raise ValueError(f"control message of {len(data)} bytes exceeds {MAX_JSON}")
+    return data
+
+
+def decode_json(payload: bytes | bytearray | memoryview, header: Header, peer: str) -> dict[str, Any]:
+    """JSON only (never pickle): a peer's bytes are data, not code."""
+    try:
+        obj = json.loads(bytes(payload).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ProtocolError(f"{peer}: {header.type.name} payload is not UTF-8 JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"{peer}: {header.type.name} payload is not a JSON object")
+    return obj
+
+
+def frame(mtype: MsgType, payload: Any = b"", **fields: Any) -> list[bytes | memoryview]:
+    """Header + payload as a list of buffers for sendmsg; `payload` may be a dict (sent as JSON)."""
+    if isinstance(payload, dict):
+        payload = encode_json(payload)
+    view = memoryview(payload).cast("B")
+    if view.nbytes > MAX_U32:
+        raise ValueError(f"payload of {view.nbytes} bytes does not fit a frame")
+    header = Header(mtype, length=view.nbytes, **fields).pack()
+    return [header, view] if view.nbytes else [header]
+
+
+# --- blocking I/O (workers) -------------------------------------------------------------------
+
+
+def send_frame(sock: socket.socket, buffers: list[bytes | memoryview]) -> None:
+    """Send all buffers with as few syscalls as the kernel allows (no joining copy)."""
+    views = deque(memoryview(b).cast("B") for b in buffers)
+    while views:
+        _consume(views, sock.sendmsg(list(views)[:_IOV_MAX]))
+
+
+def _consume(views: deque[memoryview], sent: int) -> None:
+    """Drop `sent` bytes from the front of a queue of buffers."""
+    while sent:
+        head = views[0]
+        if sent >= head.nbytes:
+            sent -= head.nbytes
+            views.popleft()
+        else:
+            views[0] = head[sent:]
+            sent = 0
+
+
+def recv_exact(sock: socket.socket, view: memoryview, peer: str) -> None:
+    got = 0
+    while got < view.nbytes:
+        n = sock.recv_into(view[got:])
+        if n == 0:
+            raise ConnectionClosed(f"{peer} closed the connection")
+        got += n
+
+
+def read_frame(
+    sock: socket.socket, peer: str, target: Callable[[Header], memoryview | None]
+) -> tuple[Header, memoryview]:
+    """Read one frame; tensor payloads go into `target(header)`, control payloads are returned."""
+    raw = bytearray(HEADER_SIZE)
+    recv_exact(sock, memoryview(raw), peer)
+    header = unpack_header(raw, peer)
+    dest = target(header) if header.dtype != DType.NONE else None
+    if dest is None:
+        dest = memoryview(bytearray(header.length))
+    elif dest.nbytes != header.length:
+        raise ProtocolError(
+            f"{peer}: {header.type.name} payload of {header.length} bytes, expected {dest.nbytes}"
+        )
+    recv_exact(sock, dest, peer)
+    return header, dest
+
+
+# --- non-blocking I/O (the server's event loop) -----------------------------------------------
+
+SKIP = memoryview(bytearray(0))
+"""Returned by a target callback: read this frame's payload and throw it away."""
+
+
+class FrameReader:
+    """Reads frames from a non-blocking socket as bytes arrive, into buffers the owner picks.
+
+    `target(header)` is called once the header is complete: it returns a memoryview of exactly
+    `header.length` bytes to receive the payload into, `SKIP` to discard it, or None for a control
+    payload (bounded by MAX_JSON, so allocating it is safe). It raises ProtocolError to refuse.
+    """
+
+    def __init__(self, sock: socket.socket, peer: str, target: Callable[[Header], memoryview | None]):
+        self.sock, self.peer, self.target = sock, peer, target
+        self._head = bytearray(HEADER_SIZE)
+        self._header: Header | None = None
+        self._dest = memoryview(self._head)
+        self._got = 0
+        self._skip_left = 0
+        self._scratch = bytearray(0)
+
+    def read(self) -> list[tuple[Header, memoryview]]:
+        """Everything that completed; raises ConnectionClosed on EOF, ProtocolError on bad input."""
+        done: list[tuple[Header, memoryview]] = []
+        while True:
+            if self._skip_left:
+                if not self._scratch:
+                    self._scratch = bytearray(_SKIP_CHUNK)
+                want = memoryview(self._scratch)[: min(self._skip_left, _SKIP_CHUNK)]
+            else:
+                want = self._dest[self._got :]
+            try:
+                n = self.sock.recv_into(want)
+            except (BlockingIOError, InterruptedError):
+                return done
+            if n == 0:
+                raise ConnectionClosed(f"{self.peer} closed the connection")
+            if self._skip_left:
+                self._skip_left -= n
+                if not self._skip_left:
+                    self._finish(done, SKIP)
+                continue
+            self._got += n
+            if self._got < self._dest.nbytes:
+                continue
+            if self._header is None:
+                self._start_payload(done)
+            else:
+                self._finish(done, self._dest)
+
+    def _start_payload(self, done: list[tuple[Header, memoryview]]) -> None:
+        header = unpack_header(self._head, self.peer)
+        dest = self.target(header)
+        self._header, self._got = header, 0
+        if dest is SKIP:
+            self._skip_left = header.length
+        elif dest is None:
+            if header.dtype != DType.NONE:
+                raise ProtocolError(f"{self.peer}: unexpected {header.type.name} frame")
+            self._dest = memoryview(bytearray(header.length))
+        elif dest.nbytes != header.length:
+            raise ProtocolError(
+                f"{self.peer}: {header.type.name} payload of {header.length} bytes, expected {dest.nbytes}"
+            )
+        else:
+            self._dest = dest
+        if header.length == 0:
+            self._finish(done, SKIP if dest is SKIP else self._dest)
+
+    def _finish(self, done: list[tuple[Header, memoryview]], payload: memoryview) -> None:
+        assert self._header is not None
+        done.append((self._header, payload))
+        self._header, self._dest, self._got, self._skip_left = None, memoryview(self._head), 0, 0
+
+
+class FrameWriter:
+    """Queues frames for a non-blocking socket and writes them as it becomes writable.
+
+    Buffers are sent as they are, not copied: the owner must not change a queued buffer until
+    `pending` is 0 (the server waits for that before it reuses its broadcast buffer).
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._queue: deque[memoryview] = deque()
+        self.pending = 0
+        self.sent_bytes = 0
+
+    def push(self, buffers: list[bytes | memoryview]) -> None:
+        for b in buffers:
+            view = memoryview(b).cast("B")
+            if view.nbytes:
+                self._queue.append(view)
+                self.pending += view.nbytes
+
+    def own(self) -> None:
+        """Copy what is still queued, so the buffers it came from may be reused."""
+        self._queue = deque(memoryview(bytes(v)) for v in self._queue)
+
+    def write(self) -> None:
+        """Send what the socket takes now; raises ConnectionError if the peer is gone."""
+        while self._queue:
+            try:
+                sent = self.sock.sendmsg(list(self._queue)[:_IOV_MAX])
+            except (BlockingIOError, InterruptedError):
+                return
+            self.pending -= sent
+            self.sent_bytes += sent
+            _consume(self._queue, sent)
