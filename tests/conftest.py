@@ -1,0 +1,33 @@
+"""Shared fixtures: a reaper that never lets a test leak a process."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+def _kill_descendants() -> list[str]:
+    me = psutil.Process(os.getpid())
+    leftovers = me.children(recursive=True)
+    names = []
+    for proc in leftovers:
+        try:
+            names.append(" ".join(proc.cmdline()[-6:]))
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(leftovers, timeout=5)
+    return names
+
+
+@pytest.fixture(autouse=True)
+def reap_children():
+    """Kill any process a test left behind (a failing fault test must not leak workers)."""
+    yield
+    _kill_descendants()

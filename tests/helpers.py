@@ -1,0 +1,129 @@
+"""Start real smolcluster processes (server, workers, `run`) for end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A tiny job: synthetic data, 512 samples, quick to run in a few seconds per process.
+FAST = [
+    "--set", "dataset.name=synthetic", "--set", "dataset.train_size=512", "--set", "dataset.test_size=256",
+    "--set", "training.batch_size=16", "--set", "training.num_epochs=2", "--set", "training.eval_steps=0",
+    "--set", "training.threads=1", "--set", "wandb.mode=disabled", "--set", "cluster.checksum_steps=5",
+    "--set", "cluster.connect_timeout=60", "--set", "cluster.worker_timeout=60",
+    "--set", "cluster.join_timeout=60",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def smolcluster(*args: str) -> list[str]:
+    return [sys.executable, "-m", "smolcluster", *args]
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled", "WANDB_SILENT": "true"}
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen
+    log: Path
+
+    @property
+    def output(self) -> str:
+        return self.log.read_text() if self.log.exists() else ""
+
+
+@dataclass
+class Cluster:
+    """A server and workers started by hand, as a user would in separate terminals."""
+
+    tmp: Path
+    workers: int = 2
+    args: list[str] = field(default_factory=list)
+    port: int = field(default_factory=free_port)
+    procs: dict[str, Proc] = field(default_factory=dict)
+
+    @property
+    def out(self) -> Path:
+        return self.tmp / "out"
+
+    def common(self) -> list[str]:
+        return [*FAST, "--set", f"cluster.port={self.port}", "--set", f"cluster.num_workers={self.workers}",
+                "--set", f"training.out_dir={self.out}", *self.args]
+
+    def spawn(self, name: str, argv: list[str]) -> Proc:
+        log = self.tmp / f"{name.replace(' ', '-')}.log"
+        with log.open("w") as f:
+            popen = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env=env(), cwd=REPO,
+                                     start_new_session=True)
+        self.procs[name] = Proc(name, popen, log)
+        return self.procs[name]
+
+    def start_server(self, *extra: str) -> Proc:
+        return self.spawn("server", smolcluster("server", *self.common(), *extra))
+
+    def start_worker(self, k: int, *extra: str, name: str | None = None) -> Proc:
+        save = self.tmp / f"worker-{k}.safetensors"
+        return self.spawn(name or f"worker {k}", smolcluster(
+            "worker", "--id", str(k), "--save-params", str(save), *self.common(), *extra))
+
+    def start(self, worker_extra: dict[int, list[str]] | None = None) -> Cluster:
+        self.start_server()
+        for k in range(1, self.workers + 1):
+            self.start_worker(k, *(worker_extra or {}).get(k, []))
+        return self
+
+    def wait(self, timeout: float = 120.0) -> dict[str, int]:
+        """Exit codes of every process; kills them all and fails loudly on timeout."""
+        deadline = time.monotonic() + timeout
+        codes = {}
+        for name, proc in self.procs.items():
+            try:
+                codes[name] = proc.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self.kill()
+                raise AssertionError(f"{name} did not finish within {timeout} s:\n{self.logs()}") from None
+        return codes
+
+    def kill(self) -> None:
+        for proc in self.procs.values():
+            if proc.popen.poll() is None:
+                os.killpg(proc.popen.pid, signal.SIGKILL)
+                proc.popen.wait()
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name} ---\n{p.output[-4000:]}" for p in self.procs.values())
+
+    def server_params(self) -> dict[str, torch.Tensor]:
+        return load_file(str(self.out / "model.safetensors"))
+
+    def worker_params(self, k: int) -> dict[str, torch.Tensor]:
+        return load_file(str(self.tmp / f"worker-{k}.safetensors"))
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.05) -> None:
+    """Poll `predicate` until true; fail with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")

@@ -1,0 +1,91 @@
+"""Config loading: typed, validated, with errors that name the file and the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from smolcluster.config import ConfigError, diff_fingerprints, load_config
+
+
+def write(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_shipped_configs_load_with_the_documented_defaults():
+    cfg = load_config()
+    assert cfg.cluster.port == 65432 and cfg.cluster.num_workers == 2
+    assert cfg.model.type == "SimpleNN" and cfg.dataset.name == "MNIST"
+    assert cfg.cluster.quorum == 2
+
+
+def test_unknown_key_names_file_and_key(tmp_path):
+    nn = write(tmp_path, "nn.yaml", "training:\n  batch_sise: 32\n")
+    with pytest.raises(ConfigError, match=r"nn\.yaml: training\.batch_sise: unknown key"):
+        load_config(None, nn)
+
+
+def test_wrong_type_names_the_key_and_the_value(tmp_path):
+    cluster = write(tmp_path, "c.yaml", "step_timeout: fast\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: step_timeout: expected a number, got 'fast'"):
+        load_config(cluster, None)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("training.batch_size=0", "batch_size: expected a number > 0"),
+        ("training.optimizer=rmsprop", r"optimizer: expected one of \['sgd', 'adam', 'adamw'\]"),
+        ("cluster.port=70000", "port: expected 1..65535"),
+        ("cluster.min_workers=3", r"min_workers: expected 1..num_workers \(2\)"),
+        ("model.type=ResNet", "unknown model 'ResNet'"),
+        ("model.hidden=[128, -1]", "hidden: expected positive sizes"),
+        ("training.nope=1", "training.nope: unknown key"),
+        ("nope.x=1", "nope: unknown section"),
+        ("training.batch_size", "expected KEY=VALUE"),
+    ],
+)
+def test_impossible_values_fail_at_load_time(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, None, [override])
+
+
+def test_errors_from_overrides_say_so():
+    with pytest.raises(ConfigError, match=r"^--set training\.batch_size: expected an integer"):
+        load_config(None, None, ["training.batch_size=big"])
+    with pytest.raises(ConfigError, match=r"^--set cluster\.port: expected an integer"):
+        load_config(None, None, ["cluster.port=x"])
+
+
+def test_overrides_are_parsed_as_yaml():
+    cfg = load_config(None, None, ["model.type=MLP", "model.hidden=[512, 256]", "training.learning_rate=1e-2"])
+    assert cfg.model.hidden_sizes == [512, 256] and cfg.training.learning_rate == 0.01
+
+
+def test_upstream_files_keep_working_with_a_warning(tmp_path):
+    cluster = write(tmp_path, "cluster_config.yaml",
+                    "host_ip: 10.0.0.1\nport: 65432\nnum_workers: 2\ntimeout: 0.5\nserver: mini1\n"
+                    "workers: [mini2, mini3]\n")
+    nn = write(tmp_path, "nn_config.yaml",
+               "batch_size: 64\nlearning_rate: 0.001\nnum_epochs: 3\neval_steps: 100\ntrack_gradients: true\n"
+               "model: {type: SimpleNN, input_dim: 784, hidden: 128, out: 10}\ndataset: {name: MNIST}\n")
+    cfg = load_config(cluster, nn)
+    assert cfg.cluster.step_timeout == 0.5 and cfg.training.batch_size == 64
+    assert cfg.training.track_gradients and cfg.cluster.workers == ["mini2", "mini3"]
+
+
+def test_host_ip_map_picks_this_host_then_default():
+    cfg = load_config(None, None, ["cluster.host_ip={mini2: 10.0.0.1, default: 192.168.1.5}"])
+    assert cfg.cluster.server_address("mini2") == "10.0.0.1"
+    assert cfg.cluster.server_address("laptop") == "192.168.1.5"
+    assert cfg.cluster.bind_address() == "0.0.0.0"
+
+
+def test_fingerprint_diff_says_what_differs():
+    a = load_config().fingerprint()
+    b = load_config(None, None, ["training.learning_rate=0.01"]).fingerprint()
+    assert diff_fingerprints(a, b) == ["training.learning_rate: server has 0.003, worker has 0.01"]
+    assert diff_fingerprints(a, a) == []
