@@ -31,7 +31,8 @@ from smolcluster.flat import FlatModel
 from smolcluster.models import build_model, layout
 from smolcluster.progress import Progress
 from smolcluster.results import save_model, write_summary
-from smolcluster.train import build_optimizer, optimizer_step, evaluate, set_threads
+from smolcluster.tracking import start_tracker
+from smolcluster.train import build_optimizer, evaluate, learning_rate, optimizer_step, set_threads
 from smolcluster.wire import DType, Header, MsgType, ProtocolError
 
 HANDSHAKE_TIMEOUT = 10.0
@@ -71,6 +72,15 @@ class StepStats:
     wait_s: float = 0.0
 
 
+def step_ms_stats(times: list[float], skip: int = 5) -> dict[str, float]:
+    """Median/min/max step time in ms, leaving out the first `skip` (warm-up) steps."""
+    kept = sorted(times[skip:] if len(times) > 2 * skip else times)
+    if not kept:
+        return {}
+    return {"median": round(1e3 * kept[len(kept) // 2], 3), "min": round(1e3 * kept[0], 3),
+            "max": round(1e3 * kept[-1], 3), "steps": len(kept)}
+
+
 class Server:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -95,6 +105,7 @@ class Server:
         self.late_total = 0
         self.evals: list[dict[str, float]] = []
         self.stats = StepStats()
+        self.step_times: list[float] = []
         self.sel = selectors.DefaultSelector()
         self.listener = self._listen()
 
@@ -346,10 +357,13 @@ class Server:
             avg.add_(p.grad, alpha=p.count)
         avg.div_(total)
 
-    def _broadcast_average(self) -> None:
+    def _broadcast_average(self) -> int:
+        """Queue the average to every connected worker (late ones too); returns the bytes queued."""
         frames = wire.frame(MsgType.AVG, memoryview(self.flat.grad_bytes), step=self.step, dtype=DType.F32)
-        for peer in list(self.workers.values()):
+        peers = list(self.workers.values())
+        for peer in peers:
             self._send(peer, frames)
+        return len(peers) * (wire.HEADER_SIZE + len(self.flat.grad_bytes))
 
     def _evaluate(self, epoch: float) -> dict[str, float]:
         loss, acc = evaluate(self.model, self.test)
@@ -362,6 +376,7 @@ class Server:
         """Train to the end; returns the summary (also written to out_dir/summary.json)."""
         c, t = self.cfg.cluster, self.cfg.training
         t_start = time.monotonic()
+        self.tracker = start_tracker(self.cfg, "server")
         try:
             self._wait_for_workers()
             logger.info(
@@ -375,41 +390,70 @@ class Server:
             t_train = time.monotonic()
             bar = Progress(self.total_steps, "server")
             for self.step in range(self.total_steps):
-                self.stats = StepStats()
-                t0 = time.monotonic()
-                arrived = self._collect()
-                self.stats.present, self.stats.wait_s = len(arrived), time.monotonic() - t0
-                self._average(arrived)
-                self._broadcast_average()
-                optimizer_step(self.optimizer, t, self.step, self.total_steps)
-                last = self.step == self.total_steps - 1
-                if last or (c.checksum_steps and (self.step + 1) % c.checksum_steps == 0):
-                    self.checksums[self.step] = self.flat.checksum()
-                bar.update(1, loss=f"{self.flat.loss:.4f}", workers=len(arrived))
-                if not last and t.eval_steps and (self.step + 1) % t.eval_steps == 0:
-                    self._evaluate((self.step + 1) / self.steps_per_epoch)
+                metrics = self._train_step()
+                bar.update(1, loss=f"{self.flat.loss:.4f}", workers=metrics["workers/present"])
             bar.close()
             train_s = time.monotonic() - t_train
             self._await_final_checksums()
             final = self._evaluate(self.total_steps / self.steps_per_epoch)
             summary = self._summary(final, time.monotonic() - t_start, train_s)
-            out = Path(t.out_dir)
-            save_model(self.model, self.cfg.model, out / "model.safetensors", {
-                "smolcluster.dataset": json.dumps(dataclasses.asdict(self.cfg.dataset)),
-                "smolcluster.seed": str(c.seed),
-            })
-            write_summary(summary, out / "summary.json")
-            logger.info(f"test accuracy {final['test_accuracy']:.2f}% after {self.total_steps} steps; saved {out / 'model.safetensors'}")
+            self._save(summary)
+            logger.info(f"test accuracy {final['test_accuracy']:.2f}% after {self.total_steps} steps; saved {t.out_dir}/model.safetensors")
             for peer in list(self.workers.values()):
                 self._send(peer, wire.frame(MsgType.DONE, {"test_accuracy": final["test_accuracy"]}))
             self._drain()
+            self.tracker.finish(summary)
             return summary
         except ClusterError as e:
             for peer in list(self.peers):
                 self._send_error(peer, str(e))
+            self.tracker.finish()
             raise
         finally:
             self.close()
+
+    def _train_step(self) -> dict[str, Any]:
+        """One step: collect, average, broadcast, apply; returns its metrics (also sent to the tracker)."""
+        c, t = self.cfg.cluster, self.cfg.training
+        self.stats = StepStats()
+        t0 = time.monotonic()
+        arrived = self._collect()
+        t1 = time.monotonic()
+        self._average(arrived)
+        sent = self._broadcast_average()
+        t2 = time.monotonic()
+        optimizer_step(self.optimizer, t, self.step, self.total_steps)
+        last = self.step == self.total_steps - 1
+        if last or (c.checksum_steps and (self.step + 1) % c.checksum_steps == 0):
+            self.checksums[self.step] = self.flat.checksum()
+        t3 = time.monotonic()
+        self.step_times.append(t3 - t0)
+        metrics: dict[str, Any] = {
+            "train/loss": self.flat.loss,
+            "train/lr": learning_rate(t, self.step, self.total_steps),
+            "train/epoch": (self.step + 1) / self.steps_per_epoch,
+            "time/step_s": t3 - t0, "time/wait_s": t1 - t0, "time/communicate_s": t2 - t1,
+            "time/compute_s": t3 - t2,
+            "net/bytes_in": len(arrived) * (len(self.flat.grad_bytes) + wire.HEADER_SIZE),
+            "net/bytes_out": sent,
+            "workers/present": len(arrived), "workers/connected": len(self.workers),
+            "workers/late_gradients": self.stats.late,
+        }
+        if t.track_gradients:
+            metrics.update({f"grad_norm/{k}": v for k, v in self.flat.layer_grad_norms().items()})
+        if not last and t.eval_steps and (self.step + 1) % t.eval_steps == 0:
+            result = self._evaluate((self.step + 1) / self.steps_per_epoch)
+            metrics.update({"test/loss": result["test_loss"], "test/accuracy": result["test_accuracy"]})
+        self.tracker.log(metrics, self.step)
+        return metrics
+
+    def _save(self, summary: dict[str, Any]) -> None:
+        out = Path(self.cfg.training.out_dir)
+        save_model(self.model, self.cfg.model, out / "model.safetensors", {
+            "smolcluster.dataset": json.dumps(dataclasses.asdict(self.cfg.dataset)),
+            "smolcluster.seed": str(self.cfg.cluster.seed),
+        })
+        write_summary(summary, out / "summary.json")
 
     def _await_final_checksums(self) -> None:
         deadline = time.monotonic() + self.cfg.cluster.worker_timeout
@@ -436,6 +480,7 @@ class Server:
             "wall_s": round(wall_s, 3),
             "train_s": round(train_s, 3),
             "samples_per_s": round(samples / max(train_s, 1e-9), 1),
+            "step_ms": step_ms_stats(self.step_times),
             "late_gradients": self.late_total,
             "replica_mismatches": self.replica_mismatches,
             "replicas_verified": sorted(self.checksum_acks),

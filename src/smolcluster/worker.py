@@ -25,7 +25,8 @@ from smolcluster.flat import FlatModel
 from smolcluster.models import build_model, layout
 from smolcluster.progress import Progress
 from smolcluster.results import save_model
-from smolcluster.train import build_optimizer, optimizer_step, loss_fn, set_threads
+from smolcluster.tracking import start_tracker
+from smolcluster.train import build_optimizer, loss_fn, optimizer_step, set_threads
 from smolcluster.wire import DType, Header, MsgType, ProtocolError
 
 
@@ -166,37 +167,52 @@ class Worker:
 
     def run(self) -> dict[str, Any]:
         """Train until the server says DONE; returns its final metrics."""
-        c, t = self.cfg.cluster, self.cfg.training
+        c = self.cfg.cluster
         self.sock = connect(*self.address, c.connect_timeout)
+        self.tracker = start_tracker(self.cfg, f"worker-{self.id}")
         try:
             welcome = self._handshake()
-            total = welcome["total_steps"]
             header, _ = self._expect(MsgType.PARAMS, 0, c.join_timeout + c.worker_timeout)
             logger.info(f"received the initial parameters; training from step {header.step}")
-            bar = Progress(total, f"worker {self.id}", initial=header.step)
-            epoch, batches = -1, []
-            for step in range(header.step, total):
-                if step // self.steps_per_epoch != epoch:
-                    epoch = step // self.steps_per_epoch
-                    order = data.epoch_order(len(self.train), c.seed, epoch, self.id)
-                    batches = list(order.split(t.batch_size))
-                idx = batches[step % self.steps_per_epoch]
-                self.flat.zero_grad()
-                loss = loss_fn(self.model(self.train.x[idx]), self.train.y[idx])
-                loss.backward()
-                self.flat.loss = loss.item()
-                self._inject(step)
-                self._send(MsgType.GRAD, memoryview(self.flat.grad_bytes), step=step, count=len(idx), dtype=DType.F32)
-                self._expect(MsgType.AVG, step, c.worker_timeout)
-                optimizer_step(self.optimizer, t, step, total)
-                if step == total - 1 or (c.checksum_steps and (step + 1) % c.checksum_steps == 0):
-                    self._send(MsgType.CHECKSUM, {"crc": self.flat.checksum()}, step=step)
-                bar.update(1, loss=f"{float(loss):.4f}", avg_loss=f"{self.flat.loss:.4f}")
-            bar.close()
-            _, done = self._expect(MsgType.DONE, total, c.worker_timeout)
+            self._train(header.step, welcome["total_steps"])
+            _, done = self._expect(MsgType.DONE, welcome["total_steps"], c.worker_timeout)
             logger.info(f"training done; the server reports test accuracy {done.get('test_accuracy', 0):.2f}%")
             if self.save_params:
                 save_model(self.model, self.cfg.model, self.save_params)
+            self.tracker.finish(done)
             return done
+        except BaseException:
+            self.tracker.finish()
+            raise
         finally:
             self.sock.close()
+
+    def _train(self, start: int, total: int) -> None:
+        c, t = self.cfg.cluster, self.cfg.training
+        bar = Progress(total, f"worker {self.id}", initial=start)
+        epoch, batches = -1, []
+        for step in range(start, total):
+            if step // self.steps_per_epoch != epoch:
+                epoch = step // self.steps_per_epoch
+                batches = list(data.epoch_order(len(self.train), c.seed, epoch, self.id).split(t.batch_size))
+            idx = batches[step % self.steps_per_epoch]
+            t0 = time.monotonic()
+            self.flat.zero_grad()
+            loss = loss_fn(self.model(self.train.x[idx]), self.train.y[idx])
+            loss.backward()
+            self.flat.loss = loss.item()
+            self._inject(step)
+            t1 = time.monotonic()
+            self._send(MsgType.GRAD, memoryview(self.flat.grad_bytes), step=step, count=len(idx), dtype=DType.F32)
+            self._expect(MsgType.AVG, step, c.worker_timeout)
+            t2 = time.monotonic()
+            optimizer_step(self.optimizer, t, step, total)
+            if step == total - 1 or (c.checksum_steps and (step + 1) % c.checksum_steps == 0):
+                self._send(MsgType.CHECKSUM, {"crc": self.flat.checksum()}, step=step)
+            t3 = time.monotonic()
+            self.tracker.log({
+                "worker/loss": loss.item(), "worker/global_loss": self.flat.loss,
+                "time/compute_s": (t1 - t0) + (t3 - t2), "time/communicate_s": t2 - t1, "time/step_s": t3 - t0,
+            }, step)
+            bar.update(1, loss=f"{self.flat.loss:.4f}")
+        bar.close()
