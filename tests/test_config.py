@@ -19,7 +19,7 @@ def test_shipped_configs_load_with_the_documented_defaults():
     cfg = load_config()
     assert cfg.cluster.port == 65432 and cfg.cluster.num_workers == 2
     assert cfg.model.type == "SimpleNN" and cfg.dataset.name == "MNIST"
-    assert cfg.cluster.quorum == 2
+    assert cfg.cluster.quorum == 1  # keep training while one worker remains
 
 
 def test_unknown_key_names_file_and_key(tmp_path):
@@ -41,6 +41,7 @@ def test_wrong_type_names_the_key_and_the_value(tmp_path):
         ("training.optimizer=rmsprop", r"optimizer: expected one of \['sgd', 'adam', 'adamw'\]"),
         ("cluster.port=70000", "port: expected 1..65535"),
         ("cluster.min_workers=3", r"min_workers: expected 1..num_workers \(2\)"),
+        ("cluster.tls_cert=a.pem", "tls_cert and tls_key"),
         ("model.type=ResNet", "unknown model 'ResNet'"),
         ("model.hidden=[128, -1]", "hidden: expected positive sizes"),
         ("training.nope=1", "training.nope: unknown key"),

@@ -63,6 +63,10 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="smolcluster", description=__doc__, epilog=EPILOG)
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("server", help="run the parameter server", epilog=EPILOG)
+    s.add_argument("--resume", action="store_true", help="continue from the last checkpoint in out_dir/checkpoints")
+    s.add_argument("--insecure", action="store_true",
+                   help="allow listening on a non-loopback address without a cluster token (trusted networks only)")
+    s.add_argument("--fault", action="append", default=[], metavar="STEP:kill", help="inject a crash (testing)")
     _config_args(s)
     w = sub.add_parser("worker", help="run one worker", epilog=EPILOG)
     w.add_argument("--id", type=int, required=True, metavar="K", help="worker id, 1..num_workers")
@@ -93,11 +97,13 @@ def main(argv: list[str] | None = None) -> int:
         logger.warning("interrupted")
         return 130
     except Exception as e:  # a clear one-line reason, then the details for a bug report
+        from smolcluster.auth import AuthError
+        from smolcluster.checkpoint import CheckpointError
+        from smolcluster.data import DataError
         from smolcluster.server import ClusterError
         from smolcluster.worker import WorkerError
-        from smolcluster.data import DataError
 
-        if isinstance(e, (ClusterError, WorkerError, DataError)):
+        if isinstance(e, (ClusterError, WorkerError, DataError, AuthError, CheckpointError, OSError)):
             logger.error(str(e))
             return 1
         raise
@@ -108,23 +114,27 @@ def _server(args: argparse.Namespace, cfg: Config, _: list[str]) -> int:
     from smolcluster.server import Server
 
     watch_parent()
-    summary = Server(cfg).run()
+    summary = Server(cfg, resume=args.resume, insecure=args.insecure, faults=_faults(args.fault)).run()
     print(f"test accuracy: {summary['test_accuracy']:.2f}%", flush=True)
     return 0
 
 
-def _worker(args: argparse.Namespace, cfg: Config, _: list[str]) -> int:
+def _faults(texts: list[str]) -> list:
     from smolcluster.faults import parse_fault
+
+    try:
+        return [parse_fault(f) for f in texts]
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _worker(args: argparse.Namespace, cfg: Config, _: list[str]) -> int:
     from smolcluster.runner import watch_parent
     from smolcluster.worker import Worker
 
     watch_parent()
-    try:
-        faults = [parse_fault(f) for f in args.fault]
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
     save = Path(args.save_params) if args.save_params else None
-    Worker(cfg, args.id, host=args.host, faults=faults, save_params=save).run()
+    Worker(cfg, args.id, host=args.host, faults=_faults(args.fault), save_params=save).run()
     return 0
 
 

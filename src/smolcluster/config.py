@@ -45,8 +45,9 @@ class ClusterConfig:
     port: int = 65432
     num_workers: int = 2
     """Workers the server waits for before step 0; ids are 1..num_workers."""
-    min_workers: int | None = None
-    """Fewest gradients a step may be averaged over once `step_timeout` passed; default: all."""
+    min_workers: int | None = 1
+    """Fewest workers the run goes on with: a step is averaged over at least this many gradients
+    once `step_timeout` passed, and the run fails if fewer stay connected (null: all of them)."""
     step_timeout: float = 10.0
     """Seconds the server waits for the rest after a step's first gradient arrives."""
     worker_timeout: float = 120.0
@@ -58,6 +59,25 @@ class ClusterConfig:
     seed: int = 42
     checksum_steps: int = 100
     """Every this many steps each worker sends a checksum of its parameters (0: never)."""
+    heartbeat_s: float = 2.0
+    """Seconds between heartbeats while a side waits; a peer silent for worker_timeout is gone."""
+    handshake_timeout: float = 10.0
+    """Seconds a new connection has to complete the handshake before it is closed."""
+    token_file: str | None = None
+    """File holding the shared cluster token ($SMOLCLUSTER_TOKEN wins); never put it on a command line."""
+    tls_cert: str | None = None
+    """Server: PEM certificate chain; enables TLS (workers then need tls_ca)."""
+    tls_key: str | None = None
+    """Server: PEM private key for tls_cert."""
+    tls_ca: str | None = None
+    """Worker: PEM file of the CA (or the self-signed cert) to verify the server with; enables TLS."""
+    tls_server_name: str | None = None
+    """Worker: name to check the server's certificate against (default: the address dialled)."""
+    checkpoint_steps: int = 500
+    """The server checkpoints every this many steps into out_dir/checkpoints (0: never)."""
+    keep_checkpoints: int = 2
+    reconnect: bool = False
+    """Worker: when the server goes away, keep retrying (for connect_timeout) instead of exiting."""
     server: str = "localhost"
     """Host name of the server machine (used by launch.sh)."""
     workers: list[str] = field(default_factory=list)
@@ -72,9 +92,13 @@ class ClusterConfig:
             raise ConfigError(
                 f"min_workers: expected 1..num_workers ({self.num_workers}), got {self.min_workers}"
             )
-        for name in ("step_timeout", "worker_timeout", "join_timeout", "connect_timeout"):
+        for name in ("step_timeout", "worker_timeout", "join_timeout", "connect_timeout", "heartbeat_s",
+                     "handshake_timeout", "keep_checkpoints"):
             _positive(name, getattr(self, name))
         _positive("checksum_steps", self.checksum_steps, allow_zero=True)
+        _positive("checkpoint_steps", self.checkpoint_steps, allow_zero=True)
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("tls_cert and tls_key: set both (server TLS) or neither")
         if self.workers and len(self.workers) != self.num_workers:
             raise ConfigError(
                 f"workers: lists {len(self.workers)} hosts but num_workers is {self.num_workers}"

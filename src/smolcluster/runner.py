@@ -7,6 +7,7 @@ and never leaves a child behind (children also exit on their own if the parent d
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import signal
@@ -178,10 +179,18 @@ def watch_parent() -> None:
     pid = os.environ.get("SMOLCLUSTER_PARENT_PID")
     if not pid:
         return
+    stop = threading.Event()
 
     def loop() -> None:
-        while os.getppid() == int(pid):
-            time.sleep(0.5)
-        os._exit(1)
+        while not stop.wait(0.5):
+            if os.getppid() != int(pid):
+                os._exit(1)
 
-    threading.Thread(target=loop, daemon=True, name="watch-parent").start()
+    thread = threading.Thread(target=loop, daemon=True, name="watch-parent")
+    thread.start()
+
+    def join() -> None:  # a daemon thread still running at interpreter exit can abort it
+        stop.set()
+        thread.join(timeout=2.0)
+
+    atexit.register(join)

@@ -1,9 +1,8 @@
 """The parameter server: waits for N workers, then averages their gradients step by step.
 
-One thread and one `selectors` loop serve every connection, so a slow or dead peer can never
-block the others: reads land in per-worker preallocated buffers, writes are queued and drained as
-sockets accept them. The server keeps its own replica and applies every average with the same
-optimizer, so it always holds the authoritative parameters (evaluated, checkpointed, saved).
+The server keeps its own replica and applies every average with the same optimizer, so it always
+holds the authoritative parameters: it evaluates them, checkpoints them, saves them, and hands
+them (with the optimizer state) to any worker that joins late or rejoins after a crash.
 
 A step, seen from here:
 
@@ -15,19 +14,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import selectors
-import socket
+import os
+import signal
+import ssl
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from loguru import logger
 
-from smolcluster import data, wire
+from smolcluster import auth, data, wire
+from smolcluster.checkpoint import encode_state, load_checkpoint, save_checkpoint
 from smolcluster.config import Config, diff_fingerprints
+from smolcluster.faults import Fault
 from smolcluster.flat import FlatModel
+from smolcluster.hub import Hub, Peer
 from smolcluster.models import build_model, layout
 from smolcluster.progress import Progress
 from smolcluster.results import save_model, write_summary
@@ -35,41 +38,21 @@ from smolcluster.tracking import start_tracker
 from smolcluster.train import build_optimizer, evaluate, learning_rate, optimizer_step, set_threads
 from smolcluster.wire import DType, Header, MsgType, ProtocolError
 
-HANDSHAKE_TIMEOUT = 10.0
-"""Seconds a new connection has to say HELLO before it is closed."""
-
 
 class ClusterError(RuntimeError):
     """Training cannot go on (too few workers, nobody joined); the message says who and when."""
 
 
-@dataclass(eq=False)
-class Peer:
-    """One connection, and once it said HELLO, one worker."""
-
-    sock: socket.socket
-    addr: str
-    reader: wire.FrameReader = field(init=False)
-    writer: wire.FrameWriter = field(init=False)
-    worker_id: int = 0
-    grad: torch.Tensor | None = None
-    grad_view: memoryview | None = None
-    grad_step: int = -1
-    count: int = 0
-    since: float = field(default_factory=time.monotonic)
-
-    @property
-    def name(self) -> str:
-        return f"worker {self.worker_id} ({self.addr})" if self.worker_id else self.addr
-
-
 @dataclass
-class StepStats:
-    """What happened in one step, for logs, the summary and W&B."""
+class Counters:
+    """Everything the run lost or refused, for the log, the summary and W&B."""
 
-    present: int = 0
     late: int = 0
-    wait_s: float = 0.0
+    nonfinite: int = 0
+    dropped: int = 0
+    rejoined: int = 0
+    refused: int = 0
+    replica_mismatches: int = 0
 
 
 def step_ms_stats(times: list[float], skip: int = 5) -> dict[str, float]:
@@ -82,9 +65,20 @@ def step_ms_stats(times: list[float], skip: int = 5) -> dict[str, float]:
 
 
 class Server:
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, *, resume: bool = False, insecure: bool = False,
+                 faults: list[Fault] | None = None) -> None:
         self.cfg = cfg
         c, t = cfg.cluster, cfg.training
+        self.token = auth.load_token(c.token_file)
+        host = c.bind_address()
+        if self.token is None and not auth.is_loopback(host):
+            if not insecure:
+                raise auth.AuthError(
+                    f"refusing to listen on {host} without a cluster token: anyone who can reach the port "
+                    f"could join. Set ${auth.TOKEN_ENV} (or cluster.token_file) on every machine, or pass "
+                    "--insecure on a network you trust"
+                )
+            logger.warning(f"listening on {host} WITHOUT a cluster token (--insecure): anyone on the network can join")
         set_threads(t.threads)
         self.model = build_model(cfg.model, c.seed)
         self.flat = FlatModel(self.model)
@@ -95,134 +89,72 @@ class Server:
         total = self.steps_per_epoch * t.num_epochs
         self.total_steps = min(total, t.max_steps) if t.max_steps else total
         self.fingerprint = {**cfg.fingerprint(), "layout": layout(self.model)}
+        self.faults = {f.step: f for f in faults or []}
+        self.state_limit = 4 * self.flat.nbytes + (1 << 20)
         self.step = 0
         self.started = False
-        self.peers: list[Peer] = []
         self.workers: dict[int, Peer] = {}
         self.checksums: dict[int, int] = {}
-        self.checksum_acks: set[int] = set()
-        self.replica_mismatches = 0
-        self.late_total = 0
-        self.evals: list[dict[str, float]] = []
-        self.stats = StepStats()
+        self.final_acks: set[int] = set()
+        self.counters = Counters()
+        self.step_late = 0
         self.step_times: list[float] = []
-        self.sel = selectors.DefaultSelector()
-        self.listener = self._listen()
+        self.evals: list[dict[str, float]] = []
+        if resume:
+            self._resume()
+        self.hub = Hub(host, c.port, self, heartbeat_s=c.heartbeat_s, silence_s=c.worker_timeout,
+                       handshake_s=c.handshake_timeout, tls=self._tls())
+        self.port = self.hub.port
+        logger.info(f"listening on {host}:{self.port} for {c.num_workers} workers"
+                    f"{' (TLS)' if c.tls_cert else ''}{' (token required)' if self.token else ''}")
 
-    # --- connections ----------------------------------------------------------------------
-
-    def _listen(self) -> socket.socket:
-        host, port = self.cfg.cluster.bind_address(), self.cfg.cluster.port
-        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    def _tls(self) -> ssl.SSLContext | None:
+        c = self.cfg.cluster
+        if not c.tls_cert:
+            return None
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         try:
-            sock.bind((host, port))
-        except OSError as e:
-            sock.close()
-            raise ClusterError(
-                f"cannot listen on {host}:{port}: {e.strerror} (another server running? "
-                "pick another port with --set cluster.port=N)"
-            ) from None
-        sock.listen(64)
-        sock.setblocking(False)
-        self.sel.register(sock, selectors.EVENT_READ, None)
-        self.port = sock.getsockname()[1]
-        logger.info(f"listening on {host}:{self.port} for {self.cfg.cluster.num_workers} workers")
-        return sock
+            ctx.load_cert_chain(c.tls_cert, c.tls_key)
+        except (OSError, ssl.SSLError) as e:
+            raise auth.AuthError(f"cluster.tls_cert/tls_key: cannot load ({e})") from None
+        return ctx
 
-    def _accept(self) -> None:
-        try:
-            sock, addr = self.listener.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        peer = Peer(sock, f"{addr[0]}:{addr[1]}")
-        peer.reader = wire.FrameReader(sock, peer.addr, lambda h, p=peer: self._target(p, h))
-        peer.writer = wire.FrameWriter(sock)
-        self.peers.append(peer)
-        self.sel.register(sock, selectors.EVENT_READ, peer)
-        logger.debug(f"connection from {peer.addr}")
+    def _resume(self) -> None:
+        root = Path(self.cfg.training.out_dir) / "checkpoints"
+        ckpt = load_checkpoint(root, self.flat, self.optimizer)
+        diffs = diff_fingerprints(self.fingerprint, ckpt.info.get("fingerprint", {}))
+        if diffs:
+            raise ClusterError(f"checkpoint in {root} is from another job: " + "; ".join(diffs[:5]))
+        self.step = ckpt.step
+        self.evals = ckpt.info.get("evals", [])
+        self.counters = Counters(**ckpt.info.get("counters", {}))
+        logger.info(f"resuming from {root} at step {self.step}/{self.total_steps}")
 
-    def _send(self, peer: Peer, buffers: list[Any]) -> None:
-        peer.writer.push(buffers)
-        self._flush(peer)
+    # --- connections (called by the hub) ----------------------------------------------------
 
-    def _flush(self, peer: Peer) -> None:
-        try:
-            peer.writer.write()
-        except OSError as e:
-            self._drop(peer, f"send failed: {e}")
-            return
-        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if peer.writer.pending else 0)
-        self.sel.modify(peer.sock, events, peer)
+    def on_connect(self, peer: Peer) -> None:
+        peer.nonce = auth.nonce()
+        self.hub.send(peer, wire.frame(MsgType.CHALLENGE, {"nonce": peer.nonce, "auth": self.token is not None}))
 
-    def _drop(self, peer: Peer, why: str) -> None:
-        if peer not in self.peers:
-            return
-        self.peers.remove(peer)
-        self.sel.unregister(peer.sock)
-        peer.sock.close()
+    def on_drop(self, peer: Peer, why: str) -> None:
         if peer.worker_id and self.workers.get(peer.worker_id) is peer:
             del self.workers[peer.worker_id]
+            self.counters.dropped += self.started
             where = f"at step {self.step}" if self.started else "before training started"
-            logger.warning(
-                f"worker {peer.worker_id} dropped {where}: {why}; "
-                f"{len(self.workers)}/{self.cfg.cluster.num_workers} workers remain"
-            )
+            logger.warning(f"worker {peer.worker_id} dropped {where}: {why}; "
+                           f"{len(self.workers)}/{self.cfg.cluster.num_workers} workers remain")
         else:
             logger.warning(f"closed connection from {peer.addr}: {why}")
 
-    def _pump(self, timeout: float) -> None:
-        """Serve every socket for at most `timeout` seconds (returns after the first batch of events)."""
-        for key, events in self.sel.select(max(timeout, 0.0)):
-            if key.data is None:
-                self._accept()
-                continue
-            peer: Peer = key.data
-            try:
-                if events & selectors.EVENT_READ:
-                    for header, payload in peer.reader.read():
-                        self._on_frame(peer, header, payload)
-                        if peer not in self.peers:
-                            break
-                if peer in self.peers and events & selectors.EVENT_WRITE:
-                    self._flush(peer)
-            except wire.ConnectionClosed:
-                self._drop(peer, "connection closed")
-            except ProtocolError as e:
-                logger.error(f"protocol error from {peer.name}: {e}")
-                self._send_error(peer, str(e))
-                self._drop(peer, "protocol error")
-            except OSError as e:
-                self._drop(peer, f"socket error: {e}")
-        now = time.monotonic()
-        for peer in [p for p in self.peers if not p.worker_id and now - p.since > HANDSHAKE_TIMEOUT]:
-            self._drop(peer, f"said no HELLO within {HANDSHAKE_TIMEOUT:.0f} s")
-
-    def _send_error(self, peer: Peer, message: str) -> None:
-        try:
-            peer.sock.setblocking(True)
-            peer.sock.settimeout(1.0)
-            wire.send_frame(peer.sock, wire.frame(MsgType.ERROR, {"error": message}))
-        except OSError:
-            pass
-
-    # --- frames -----------------------------------------------------------------------------
-
-    def _target(self, peer: Peer, header: Header) -> memoryview | None:
+    def target(self, peer: Peer, header: Header) -> memoryview | None:
         """Where a frame's payload goes; decided from the header, before any payload byte is read."""
-        if header.type in wire.JSON_TYPES:
-            if header.type not in (MsgType.HELLO, MsgType.CHECKSUM, MsgType.ERROR):
-                raise ProtocolError(f"{peer.name}: a worker may not send {header.type.name}")
+        if header.type in (MsgType.HELLO, MsgType.CHECKSUM, MsgType.ERROR, MsgType.BYE, MsgType.HEARTBEAT):
             return None
-        if header.type in wire.EMPTY_TYPES:
-            return None
-        if header.type != MsgType.GRAD or not peer.worker_id:
-            raise ProtocolError(f"{peer.name}: unexpected {header.type.name} frame")
+        if header.type != MsgType.GRAD or not peer.synced:
+            raise ProtocolError(f"{peer.name}: a worker may not send {header.type.name} now")
         if header.dtype != DType.F32 or header.offset != 0:
             raise ProtocolError(f"{peer.name}: GRAD must be whole float32, got {header.dtype.name} at {header.offset}")
-        if header.step > self.step or not self.started:
+        if header.step > self.step:
             raise ProtocolError(f"{peer.name}: gradient for step {header.step} while the server is at step {self.step}")
         if peer.grad_step == self.step:
             raise ProtocolError(f"{peer.name}: second gradient for step {self.step} (this one says {header.step})")
@@ -230,54 +162,67 @@ class Server:
             raise ProtocolError(f"{peer.name}: gradient over {header.count} samples (batch_size {self.cfg.training.batch_size})")
         return peer.grad_view if header.step == self.step else wire.SKIP
 
-    def _on_frame(self, peer: Peer, header: Header, payload: memoryview) -> None:
+    def on_frame(self, peer: Peer, header: Header, payload: memoryview) -> None:
         if header.type == MsgType.HELLO:
             self._on_hello(peer, wire.decode_json(payload, header, peer.addr))
         elif not peer.worker_id:
             raise ProtocolError(f"{peer.addr}: {header.type.name} before HELLO")
         elif header.type == MsgType.GRAD:
-            if header.step == self.step:
-                peer.grad_step, peer.count = header.step, header.count
-            else:
-                self.late_total += 1
-                self.stats.late += 1
-                logger.warning(f"step {self.step}: dropped late gradient of step {header.step} from worker {peer.worker_id}")
+            self._on_grad(peer, header)
         elif header.type == MsgType.CHECKSUM:
             self._on_checksum(peer, header, wire.decode_json(payload, header, peer.name))
         elif header.type == MsgType.BYE:
-            self._drop(peer, "said goodbye")
+            self.hub.drop(peer, "said goodbye")
         elif header.type == MsgType.ERROR:
             msg = wire.decode_json(payload, header, peer.name).get("error", "?")
-            self._drop(peer, f"reported an error: {msg}")
+            self.hub.drop(peer, f"reported an error: {msg}")
+
+    def _refuse(self, peer: Peer, claimed: object, reason: str) -> None:
+        self.counters.refused += 1
+        logger.error(f"refused {peer.addr} claiming worker {claimed!r}: {reason}")
+        self.hub.close_after(peer, wire.frame(MsgType.REJECT, {"reason": reason}), "refused")
 
     def _on_hello(self, peer: Peer, hello: dict[str, Any]) -> None:
         if peer.worker_id:
             raise ProtocolError(f"{peer.name}: second HELLO")
         wid, n = hello.get("worker_id"), self.cfg.cluster.num_workers
-        reason = None
-        if not isinstance(wid, int) or not 1 <= wid <= n:
-            reason = f"worker id {wid!r} is not in 1..{n} (num_workers={n})"
-        elif wid in self.workers:
-            reason = f"worker id {wid} is already connected from {self.workers[wid].addr}"
-        elif self.started:
-            reason = f"training already started (step {self.step}); rejoining is not supported yet"
-        else:
-            diffs = diff_fingerprints(self.fingerprint, hello.get("fingerprint") or {})
-            if diffs:
-                reason = "config differs from the server's: " + "; ".join(diffs[:5])
-        if reason:
-            logger.error(f"refused {peer.addr} claiming worker {wid!r}: {reason}")
-            self._send(peer, wire.frame(MsgType.REJECT, {"reason": reason}))
-            return
+        worker_nonce, fingerprint = hello.get("nonce"), hello.get("fingerprint")
+        if not isinstance(wid, int) or isinstance(wid, bool) or not 1 <= wid <= n:
+            return self._refuse(peer, wid, f"worker id {wid!r} is not in 1..{n} (num_workers={n})")
+        if not isinstance(worker_nonce, str) or not 16 <= len(worker_nonce) <= 128:
+            return self._refuse(peer, wid, "HELLO without a valid nonce (an older or foreign client?)")
+        if self.token is not None and not auth.verify(self.token, hello.get("proof"), "worker", peer.nonce, worker_nonce, wid):
+            return self._refuse(peer, wid, "wrong or missing cluster token")
+        if wid in self.workers:
+            return self._refuse(peer, wid, f"worker id {wid} is already connected from {self.workers[wid].addr}")
+        diffs = diff_fingerprints(self.fingerprint, fingerprint if isinstance(fingerprint, dict) else {})
+        if diffs:
+            return self._refuse(peer, wid, "config differs from the server's: " + "; ".join(diffs[:5]))
         peer.worker_id = wid
         buf = bytearray(len(self.flat.grad_bytes))
         peer.grad, peer.grad_view = torch.frombuffer(buf, dtype=torch.float32), memoryview(buf)
         self.workers[wid] = peer
-        host = hello.get("host", "?")
-        logger.info(f"worker {wid} joined from {peer.addr} ({host}); {len(self.workers)}/{n} workers")
-        self._send(peer, wire.frame(MsgType.WELCOME, {
-            "worker_id": wid, "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
-        }))
+        if self.started:
+            self.counters.rejoined += 1
+        logger.info(f"worker {wid} {'rejoined' if self.started else 'joined'} from {peer.addr} "
+                    f"({str(hello.get('host', '?'))[:64]}); {len(self.workers)}/{n} workers")
+        welcome: dict[str, Any] = {"worker_id": wid, "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch}
+        if self.token is not None:
+            welcome["proof"] = auth.proof(self.token, "server", peer.nonce, worker_nonce, wid)
+        self.hub.send(peer, wire.frame(MsgType.WELCOME, welcome))
+
+    def _on_grad(self, peer: Peer, header: Header) -> None:
+        if header.step != self.step:
+            self.counters.late += 1
+            self.step_late += 1
+            logger.warning(f"step {self.step}: dropped late gradient of step {header.step} from worker {peer.worker_id}")
+            return
+        peer.grad_step, peer.count = header.step, header.count
+        assert peer.grad is not None
+        if not bool(torch.isfinite(peer.grad).all()):
+            peer.count = 0  # present, but contributes nothing
+            self.counters.nonfinite += 1
+            logger.error(f"step {self.step}: rejected a non-finite (NaN/Inf) gradient from worker {peer.worker_id}")
 
     def _on_checksum(self, peer: Peer, header: Header, body: dict[str, Any]) -> None:
         theirs, ours = body.get("crc"), self.checksums.get(header.step)
@@ -285,15 +230,17 @@ class Server:
             logger.warning(f"{peer.name} sent a checksum for step {header.step}, which the server has none of")
             return
         if header.step == self.total_steps - 1:
-            self.checksum_acks.add(peer.worker_id)
+            self.final_acks.add(peer.worker_id)
         if theirs != ours:
-            self.replica_mismatches += 1
-            logger.error(
-                f"worker {peer.worker_id}'s parameters differ from the server's after step {header.step} "
-                f"(crc {theirs} != {ours}): its replica has drifted"
-            )
+            self.counters.replica_mismatches += 1
+            logger.error(f"worker {peer.worker_id}'s parameters differ from the server's after step {header.step} "
+                         f"(crc {theirs} != {ours}): its replica has drifted")
 
-    # --- training ---------------------------------------------------------------------------
+    # --- training -----------------------------------------------------------------------------
+
+    def _missing(self, have: set[int] | None = None) -> list[int]:
+        have = set(self.workers) if have is None else have
+        return [k for k in range(1, self.cfg.cluster.num_workers + 1) if k not in have]
 
     def _wait_for_workers(self) -> None:
         c = self.cfg.cluster
@@ -302,18 +249,28 @@ class Server:
         while len(self.workers) < c.num_workers:
             now = time.monotonic()
             if now > deadline:
-                raise ClusterError(
-                    f"only {len(self.workers)}/{c.num_workers} workers joined within "
-                    f"{c.join_timeout:.0f} s; missing {self._missing()}"
-                )
+                raise ClusterError(f"only {len(self.workers)}/{c.num_workers} workers joined within "
+                                   f"{c.join_timeout:.0f} s; missing {self._missing()}")
             if now - last_note >= 10.0:
                 logger.info(f"waiting for workers {self._missing()} ({len(self.workers)}/{c.num_workers} joined)")
                 last_note = now
-            self._pump(min(1.0, deadline - now))
+            self.hub.pump(min(1.0, deadline - now))
 
-    def _missing(self, have: set[int] | None = None) -> list[int]:
-        have = set(self.workers) if have is None else have
-        return [k for k in range(1, self.cfg.cluster.num_workers + 1) if k not in have]
+    def _sync_newcomers(self) -> None:
+        """At a step boundary, hand every new worker the current parameters and optimizer state."""
+        fresh = [p for p in self.workers.values() if not p.synced]
+        if not fresh:
+            return
+        params = bytes(self.flat.param_bytes)  # a snapshot: the live buffer changes next step
+        state = encode_state(self.optimizer)
+        for peer in fresh:
+            self.hub.send(peer, [
+                *wire.frame(MsgType.PARAMS, params, step=self.step, dtype=DType.F32),
+                *wire.frame(MsgType.STATE, state, step=self.step, dtype=DType.RAW),
+            ])
+            peer.synced = True
+            if self.started:
+                logger.info(f"worker {peer.worker_id} is back in lockstep from step {self.step}")
 
     def _collect(self) -> list[Peer]:
         """Gradients of the current step: from every live worker, or after the deadline from a quorum."""
@@ -321,101 +278,64 @@ class Server:
         start = time.monotonic()
         first: float | None = None
         while True:
-            arrived = [p for p in self.workers.values() if p.grad_step == self.step]
+            live = [p for p in self.workers.values() if p.synced]
+            arrived = [p for p in live if p.grad_step == self.step]
             now = time.monotonic()
             if arrived and first is None:
                 first = now
-            if arrived and len(arrived) == len(self.workers) and len(arrived) >= c.quorum:
+            if arrived and len(arrived) == len(live) and len(arrived) >= c.quorum:
                 return arrived
             if first is not None and now - first >= c.step_timeout and len(arrived) >= c.quorum:
                 missing = self._missing({p.worker_id for p in arrived})
-                logger.warning(
-                    f"step {self.step}: waited {now - first:.1f} s, still missing workers {missing}; "
-                    f"continuing with {len(arrived)}/{c.num_workers} (min_workers={c.quorum})"
-                )
+                logger.warning(f"step {self.step}: waited {now - first:.1f} s, still missing workers {missing}; "
+                               f"continuing with {len(arrived)}/{c.num_workers} (min_workers={c.quorum})")
                 return arrived
             if now - start >= c.worker_timeout:
                 raise ClusterError(
                     f"step {self.step}: only {len(arrived)} gradients (from workers "
-                    f"{sorted(p.worker_id for p in arrived)}) after {c.worker_timeout:.0f} s, "
-                    f"{len(self.workers)} workers connected; min_workers={c.quorum}"
-                )
-            wait = c.worker_timeout - (now - start)
+                    f"{sorted(p.worker_id for p in arrived)}) after {c.worker_timeout:.0f} s with "
+                    f"{len(self.workers)} workers connected; min_workers={c.quorum}")
+            wait = min(c.worker_timeout - (now - start), c.heartbeat_s)
             if first is not None:
                 wait = min(wait, c.step_timeout - (now - first))
-            self._pump(wait)
+            self.hub.pump(wait)
 
     def _average(self, arrived: list[Peer]) -> None:
         """avg = sum(count_k * grad_k) / sum(count_k), in place into the server's gradient buffer."""
         for peer in self.workers.values():
             peer.writer.own()  # a lagging worker keeps its own copy of the previous average
-        arrived = sorted(arrived, key=lambda p: p.worker_id)  # fixed order: same bits every run
-        total = sum(p.count for p in arrived)
+        usable = sorted((p for p in arrived if p.count), key=lambda p: p.worker_id)  # fixed order: same bits
         avg = self.flat.wire
-        torch.mul(arrived[0].grad, arrived[0].count, out=avg)
-        for p in arrived[1:]:
+        if not usable:
+            avg.zero_()
+            return
+        total = sum(p.count for p in usable)
+        torch.mul(usable[0].grad, usable[0].count, out=avg)
+        for p in usable[1:]:
             avg.add_(p.grad, alpha=p.count)
         avg.div_(total)
 
     def _broadcast_average(self) -> int:
-        """Queue the average to every connected worker (late ones too); returns the bytes queued."""
+        """Queue the average to every synced worker (late ones too); returns the bytes queued."""
         frames = wire.frame(MsgType.AVG, memoryview(self.flat.grad_bytes), step=self.step, dtype=DType.F32)
-        peers = list(self.workers.values())
+        peers = [p for p in self.workers.values() if p.synced]
         for peer in peers:
-            self._send(peer, frames)
+            self.hub.send(peer, frames)
         return len(peers) * (wire.HEADER_SIZE + len(self.flat.grad_bytes))
 
-    def _evaluate(self, epoch: float) -> dict[str, float]:
+    def _evaluate(self) -> dict[str, float]:
         loss, acc = evaluate(self.model, self.test)
-        result = {"step": self.step + 1, "epoch": round(epoch, 3), "test_loss": loss, "test_accuracy": acc}
+        result = {"step": self.step + 1, "epoch": round((self.step + 1) / self.steps_per_epoch, 3),
+                  "test_loss": loss, "test_accuracy": acc}
         self.evals.append(result)
         logger.info(f"step {self.step + 1}/{self.total_steps}: test loss {loss:.4f}, test accuracy {acc:.2f}%")
         return result
 
-    def run(self) -> dict[str, Any]:
-        """Train to the end; returns the summary (also written to out_dir/summary.json)."""
-        c, t = self.cfg.cluster, self.cfg.training
-        t_start = time.monotonic()
-        self.tracker = start_tracker(self.cfg, "server")
-        try:
-            self._wait_for_workers()
-            logger.info(
-                f"all {c.num_workers} workers joined; training {self.cfg.model.type} for "
-                f"{self.total_steps} steps ({self.steps_per_epoch} per epoch)"
-            )
-            self.started = True
-            params = wire.frame(MsgType.PARAMS, memoryview(self.flat.param_bytes), step=0, dtype=DType.F32)
-            for peer in list(self.workers.values()):
-                self._send(peer, params)
-            t_train = time.monotonic()
-            bar = Progress(self.total_steps, "server")
-            for self.step in range(self.total_steps):
-                metrics = self._train_step()
-                bar.update(1, loss=f"{self.flat.loss:.4f}", workers=metrics["workers/present"])
-            bar.close()
-            train_s = time.monotonic() - t_train
-            self._await_final_checksums()
-            final = self._evaluate(self.total_steps / self.steps_per_epoch)
-            summary = self._summary(final, time.monotonic() - t_start, train_s)
-            self._save(summary)
-            logger.info(f"test accuracy {final['test_accuracy']:.2f}% after {self.total_steps} steps; saved {t.out_dir}/model.safetensors")
-            for peer in list(self.workers.values()):
-                self._send(peer, wire.frame(MsgType.DONE, {"test_accuracy": final["test_accuracy"]}))
-            self._drain()
-            self.tracker.finish(summary)
-            return summary
-        except ClusterError as e:
-            for peer in list(self.peers):
-                self._send_error(peer, str(e))
-            self.tracker.finish()
-            raise
-        finally:
-            self.close()
-
     def _train_step(self) -> dict[str, Any]:
         """One step: collect, average, broadcast, apply; returns its metrics (also sent to the tracker)."""
         c, t = self.cfg.cluster, self.cfg.training
-        self.stats = StepStats()
+        self.step_late = 0
+        self._sync_newcomers()
         t0 = time.monotonic()
         arrived = self._collect()
         t1 = time.monotonic()
@@ -437,15 +357,78 @@ class Server:
             "net/bytes_in": len(arrived) * (len(self.flat.grad_bytes) + wire.HEADER_SIZE),
             "net/bytes_out": sent,
             "workers/present": len(arrived), "workers/connected": len(self.workers),
-            "workers/late_gradients": self.stats.late,
+            "workers/late_gradients": self.step_late,
+            "workers/rejected_gradients": sum(1 for p in arrived if not p.count),
         }
         if t.track_gradients:
             metrics.update({f"grad_norm/{k}": v for k, v in self.flat.layer_grad_norms().items()})
         if not last and t.eval_steps and (self.step + 1) % t.eval_steps == 0:
-            result = self._evaluate((self.step + 1) / self.steps_per_epoch)
+            result = self._evaluate()
             metrics.update({"test/loss": result["test_loss"], "test/accuracy": result["test_accuracy"]})
+        if not last and c.checkpoint_steps and (self.step + 1) % c.checkpoint_steps == 0:
+            self._checkpoint()
         self.tracker.log(metrics, self.step)
         return metrics
+
+    def _checkpoint(self) -> None:
+        root = Path(self.cfg.training.out_dir) / "checkpoints"
+        info = {"epoch": (self.step + 1) / self.steps_per_epoch, "fingerprint": self.fingerprint,
+                "evals": self.evals, "counters": dataclasses.asdict(self.counters)}
+        path = save_checkpoint(root, self.flat, self.optimizer, self.step + 1, info, self.cfg.cluster.keep_checkpoints)
+        logger.info(f"step {self.step + 1}: checkpoint written to {path}")
+
+    def _inject(self) -> None:
+        fault = self.faults.get(self.step)
+        if fault is not None and fault.kind == "kill":
+            logger.warning(f"step {self.step}: injecting fault kill into the server")
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def run(self) -> dict[str, Any]:
+        """Train to the end; returns the summary (also written to out_dir/summary.json)."""
+        c = self.cfg.cluster
+        t_start = time.monotonic()
+        self.tracker = start_tracker(self.cfg, "server")
+        try:
+            self._wait_for_workers()
+            logger.info(f"all {c.num_workers} workers joined; training {self.cfg.model.type} for "
+                        f"{self.total_steps - self.step} steps ({self.steps_per_epoch} per epoch)")
+            t_train = time.monotonic()
+            start = self.step
+            bar = Progress(self.total_steps, "server", initial=start)
+            for self.step in range(start, self.total_steps):
+                self._inject()
+                metrics = self._train_step()
+                self.started = True
+                bar.update(1, loss=f"{self.flat.loss:.4f}", workers=metrics["workers/present"])
+            bar.close()
+            train_s = time.monotonic() - t_train
+            self._await_final_checksums()
+            final = self._evaluate()
+            summary = self._summary(final, time.monotonic() - t_start, train_s, self.total_steps - start)
+            self._save(summary)
+            logger.info(f"test accuracy {final['test_accuracy']:.2f}% after {self.total_steps} steps; "
+                        f"saved {self.cfg.training.out_dir}/model.safetensors")
+            for peer in list(self.workers.values()):
+                self.hub.send(peer, wire.frame(MsgType.DONE, {"test_accuracy": final["test_accuracy"]}))
+            self.hub.drain(10.0)
+            self.tracker.finish(summary)
+            return summary
+        except ClusterError as e:
+            for peer in list(self.hub.peers):
+                self.hub.fail(peer, str(e))
+            self.hub.drain(2.0)
+            self.tracker.finish()
+            raise
+        finally:
+            self.hub.close()
+
+    def _await_final_checksums(self) -> None:
+        deadline = time.monotonic() + self.cfg.cluster.worker_timeout
+        while set(self.workers) - self.final_acks and time.monotonic() < deadline:
+            self.hub.pump(min(deadline - time.monotonic(), self.cfg.cluster.heartbeat_s))
+        missing = sorted(set(self.workers) - self.final_acks)
+        if missing:
+            logger.warning(f"workers {missing} sent no final checksum; their replicas are unverified")
 
     def _save(self, summary: dict[str, Any]) -> None:
         out = Path(self.cfg.training.out_dir)
@@ -455,22 +438,9 @@ class Server:
         })
         write_summary(summary, out / "summary.json")
 
-    def _await_final_checksums(self) -> None:
-        deadline = time.monotonic() + self.cfg.cluster.worker_timeout
-        while set(self.workers) - self.checksum_acks and time.monotonic() < deadline:
-            self._pump(deadline - time.monotonic())
-        missing = sorted(set(self.workers) - self.checksum_acks)
-        if missing:
-            logger.warning(f"workers {missing} sent no final checksum; their replicas are unverified")
-
-    def _drain(self, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while any(p.writer.pending for p in self.peers) and time.monotonic() < deadline:
-            self._pump(deadline - time.monotonic())
-
-    def _summary(self, final: dict[str, float], wall_s: float, train_s: float) -> dict[str, Any]:
+    def _summary(self, final: dict[str, float], wall_s: float, train_s: float, steps_run: int) -> dict[str, Any]:
         t = self.cfg.training
-        samples = self.total_steps * t.batch_size * self.cfg.cluster.num_workers
+        samples = steps_run * t.batch_size * self.cfg.cluster.num_workers
         return {
             "test_accuracy": final["test_accuracy"],
             "test_loss": final["test_loss"],
@@ -481,22 +451,14 @@ class Server:
             "train_s": round(train_s, 3),
             "samples_per_s": round(samples / max(train_s, 1e-9), 1),
             "step_ms": step_ms_stats(self.step_times),
-            "late_gradients": self.late_total,
-            "replica_mismatches": self.replica_mismatches,
-            "replicas_verified": sorted(self.checksum_acks),
+            "late_gradients": self.counters.late,
+            "nonfinite_gradients": self.counters.nonfinite,
+            "workers_dropped": self.counters.dropped,
+            "workers_rejoined": self.counters.rejoined,
+            "connections_refused": self.counters.refused,
+            "replica_mismatches": self.counters.replica_mismatches,
+            "replicas_verified": sorted(self.final_acks),
             "evals": self.evals,
             "checksum": self.flat.checksum(),
             "config": self.cfg.to_dict(),
         }
-
-    def close(self) -> None:
-        for peer in list(self.peers):
-            self.sel.unregister(peer.sock)
-            peer.sock.close()
-        self.peers.clear()
-        try:
-            self.sel.unregister(self.listener)
-        except (KeyError, ValueError):
-            pass
-        self.listener.close()
-        self.sel.close()

@@ -6,7 +6,7 @@ A frame is a fixed 36-byte header followed by `length` payload bytes:
     0      4    magic    b"SMCL"
     4      1    version  PROTOCOL_VERSION
     5      1    type     MsgType
-    6      1    dtype    DType of a tensor payload (NONE for JSON / empty payloads)
+    6      1    dtype    DType of a tensor payload (NONE for JSON / empty, RAW for safetensors)
     7      1    flags    reserved, 0
     8      4    worker   worker id (1..N; 0 for the server)
     12     8    step     training step the frame belongs to
@@ -25,6 +25,7 @@ from __future__ import annotations
 import enum
 import json
 import socket
+import ssl
 import struct
 from collections import deque
 from dataclasses import dataclass
@@ -63,6 +64,7 @@ class DType(enum.IntEnum):
     BF16 = 2
     F16 = 3
     I8 = 4
+    RAW = 5  # opaque bytes with their own self-describing, code-free format (safetensors)
 
 
 JSON_TYPES = frozenset(
@@ -70,6 +72,12 @@ JSON_TYPES = frozenset(
      MsgType.CHALLENGE, MsgType.AUTH}
 )
 EMPTY_TYPES = frozenset({MsgType.BYE, MsgType.HEARTBEAT})
+TENSOR_DTYPES = frozenset({DType.F32, DType.BF16, DType.F16, DType.I8})
+ALLOWED_DTYPES: dict[MsgType, frozenset[DType]] = {
+    **{t: frozenset({DType.NONE}) for t in JSON_TYPES | EMPTY_TYPES},
+    MsgType.PARAMS: TENSOR_DTYPES, MsgType.GRAD: TENSOR_DTYPES, MsgType.AVG: TENSOR_DTYPES,
+    MsgType.STATE: frozenset({DType.RAW}),
+}
 
 
 class ProtocolError(Exception):
@@ -124,7 +132,7 @@ def unpack_header(buf: bytes | bytearray | memoryview, peer: str) -> Header:
         raise ProtocolError(f"{peer}: {mtype.name} of {length} bytes exceeds the {MAX_JSON}-byte limit")
     if mtype in EMPTY_TYPES and length:
         raise ProtocolError(f"{peer}: {mtype.name} must be empty, has {length} bytes")
-    if (mtype in JSON_TYPES or mtype in EMPTY_TYPES) != (dtype == DType.NONE):
+    if dtype not in ALLOWED_DTYPES[mtype]:
         raise ProtocolError(f"{peer}: {mtype.name} with dtype {dtype.name}")
     return Header(mtype, step, worker, length, dtype, offset, count)
 
@@ -164,6 +172,10 @@ def frame(mtype: MsgType, payload: Any = b"", **fields: Any) -> list[bytes | mem
 def send_frame(sock: socket.socket, buffers: list[bytes | memoryview]) -> None:
     """Send all buffers with as few syscalls as the kernel allows (no joining copy)."""
     views = deque(memoryview(b).cast("B") for b in buffers)
+    if isinstance(sock, ssl.SSLSocket):  # TLS has no sendmsg
+        for view in views:
+            sock.sendall(view)
+        return
     while views:
         _consume(views, sock.sendmsg(list(views)[:_IOV_MAX]))
 
@@ -242,7 +254,7 @@ class FrameReader:
                 want = self._dest[self._got :]
             try:
                 n = self.sock.recv_into(want)
-            except (BlockingIOError, InterruptedError):
+            except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
                 return done
             if n == 0:
                 raise ConnectionClosed(f"{self.peer} closed the connection")
@@ -312,8 +324,11 @@ class FrameWriter:
         """Send what the socket takes now; raises ConnectionError if the peer is gone."""
         while self._queue:
             try:
-                sent = self.sock.sendmsg(list(self._queue)[:_IOV_MAX])
-            except (BlockingIOError, InterruptedError):
+                if isinstance(self.sock, ssl.SSLSocket):  # TLS has no sendmsg
+                    sent = self.sock.send(self._queue[0])
+                else:
+                    sent = self.sock.sendmsg(list(self._queue)[:_IOV_MAX])
+            except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
                 return
             self.pending -= sent
             self.sent_bytes += sent

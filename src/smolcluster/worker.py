@@ -1,7 +1,8 @@
 """A worker: computes gradients on its own shard, sends them, applies the average it gets back.
 
 Blocking I/O on purpose: a worker has exactly one peer and strictly alternates send/receive, so
-the plain loop below *is* the protocol. Every wait is bounded by a cluster timeout.
+the plain loop below *is* the protocol. Every wait is bounded by a cluster timeout; a small
+thread sends heartbeats while the main loop computes, so the server can tell slow from dead.
 """
 
 from __future__ import annotations
@@ -10,15 +11,17 @@ import os
 import random
 import signal
 import socket
+import ssl
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from loguru import logger
 
-from smolcluster import data, wire
+from smolcluster import auth, data, wire
+from smolcluster.checkpoint import CheckpointError, decode_state
 from smolcluster.config import Config, ConfigError
 from smolcluster.faults import Fault
 from smolcluster.flat import FlatModel
@@ -32,6 +35,10 @@ from smolcluster.wire import DType, Header, MsgType, ProtocolError
 
 class WorkerError(RuntimeError):
     """The worker cannot go on: unreachable, refused, or the server failed; the message says why."""
+
+
+class ServerLost(WorkerError):
+    """The connection to the server broke (it may come back: see cluster.reconnect)."""
 
 
 def connect(host: str, port: int, timeout_s: float) -> socket.socket:
@@ -66,6 +73,7 @@ class Worker:
         if not 1 <= worker_id <= c.num_workers:
             raise ConfigError(f"--id {worker_id}: expected 1..{c.num_workers} (cluster num_workers)")
         self.cfg, self.id = cfg, worker_id
+        self.token = auth.load_token(c.token_file)
         self.faults = {f.step: f for f in faults or []}
         self.save_params = save_params
         set_threads(t.threads)
@@ -78,105 +86,124 @@ class Worker:
         self.steps_per_epoch = data.steps_per_epoch(n_train, c.num_workers, t.batch_size)
         self.address = (c.server_address(host), c.port)
         self.peer = f"server {self.address[0]}:{self.address[1]}"
+        self.state_limit = 4 * self.flat.nbytes + (1 << 20)
         self.sock: socket.socket | None = None
+        self._send_lock = threading.Lock()
+        self._last_send = time.monotonic()
 
     # --- I/O ------------------------------------------------------------------------------------
+
+    def _dial(self) -> socket.socket:
+        c = self.cfg.cluster
+        sock = connect(*self.address, c.connect_timeout)
+        if not c.tls_ca:
+            return sock
+        ctx = ssl.create_default_context(cafile=c.tls_ca)
+        try:
+            return ctx.wrap_socket(sock, server_hostname=c.tls_server_name or self.address[0])
+        except (ssl.SSLError, OSError) as e:
+            sock.close()
+            raise WorkerError(f"TLS with the {self.peer} failed: {e}") from None
 
     def _send(self, mtype: MsgType, payload: Any = b"", **fields: Any) -> None:
         assert self.sock is not None
         try:
-            wire.send_frame(self.sock, wire.frame(mtype, payload, worker=self.id, **fields))
+            with self._send_lock:
+                wire.send_frame(self.sock, wire.frame(mtype, payload, worker=self.id, **fields))
+                self._last_send = time.monotonic()
         except OSError as e:
-            raise WorkerError(f"lost the connection to the {self.peer} while sending {mtype.name}: {e}") from None
+            raise ServerLost(f"lost the connection to the {self.peer} while sending {mtype.name}: {e}") from None
+
+    def _heartbeats(self, sock: socket.socket, stop: threading.Event) -> None:
+        period = self.cfg.cluster.heartbeat_s
+        while not stop.wait(period / 2):
+            if time.monotonic() - self._last_send < period:
+                continue
+            try:
+                with self._send_lock:
+                    wire.send_frame(sock, wire.frame(MsgType.HEARTBEAT, worker=self.id))
+                    self._last_send = time.monotonic()
+            except OSError:
+                return
 
     def _target(self, header: Header, step: int) -> memoryview:
         if header.type == MsgType.AVG and header.step == step and header.dtype == DType.F32:
             return memoryview(self.flat.grad_bytes)
         if header.type == MsgType.PARAMS and header.dtype == DType.F32:
             return memoryview(self.flat.param_bytes)
-        raise ProtocolError(f"{self.peer}: unexpected {header.type.name} for step {header.step} (at step {step})")
+        if header.type == MsgType.STATE and header.length <= self.state_limit:
+            return memoryview(bytearray(header.length))
+        raise ProtocolError(f"{self.peer}: unexpected {header.type.name} of {header.length} bytes for "
+                            f"step {header.step} (at step {step})")
 
-    def _read(self, step: int, timeout: float) -> tuple[Header, dict[str, Any]]:
+    def _read(self, step: int, timeout: float) -> tuple[Header, memoryview]:
         """The next frame; ERROR and REJECT become WorkerError. Tensor payloads land in place."""
         assert self.sock is not None
         self.sock.settimeout(timeout)
         try:
             header, payload = wire.read_frame(self.sock, self.peer, lambda h: self._target(h, step))
         except socket.timeout:
-            raise WorkerError(f"no word from the {self.peer} for {timeout:.0f} s at step {step}") from None
+            raise ServerLost(f"no word from the {self.peer} for {timeout:.0f} s at step {step}") from None
         except (wire.ConnectionClosed, OSError) as e:
-            raise WorkerError(f"lost the connection to the {self.peer} at step {step}: {e}") from None
-        if header.dtype != DType.NONE:
-            return header, {}
-        body = wire.decode_json(payload, header, self.peer) if header.length else {}
-        if header.type == MsgType.ERROR:
-            raise WorkerError(f"the server failed: {body.get('error', '?')}")
-        if header.type == MsgType.REJECT:
+            raise ServerLost(f"lost the connection to the {self.peer} at step {step}: {e}") from None
+        if header.type in (MsgType.ERROR, MsgType.REJECT):
+            body = wire.decode_json(payload, header, self.peer)
+            if header.type == MsgType.ERROR:
+                raise WorkerError(f"the {self.peer} ended our session: {body.get('error', '?')}")
             raise WorkerError(f"the server refused worker {self.id}: {body.get('reason', '?')}")
-        return header, body
+        return header, payload
 
-    def _expect(self, mtype: MsgType, step: int, timeout: float) -> tuple[Header, dict[str, Any]]:
+    def _expect(self, mtype: MsgType, step: int, timeout: float) -> tuple[Header, memoryview]:
         while True:
-            header, body = self._read(step, timeout)
+            header, payload = self._read(step, timeout)
             if header.type == mtype:
-                return header, body
+                return header, payload
             if header.type != MsgType.HEARTBEAT:
                 raise WorkerError(f"expected {mtype.name} from the {self.peer} at step {step}, got {header.type.name}")
+
+    def _json(self, mtype: MsgType, timeout: float) -> dict[str, Any]:
+        header, payload = self._expect(mtype, 0, timeout)
+        return wire.decode_json(payload, header, self.peer)
 
     # --- training -------------------------------------------------------------------------------
 
     def _handshake(self) -> dict[str, Any]:
-        hello = {
-            "worker_id": self.id,
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
+        """Prove the token (if any), present our config, and check the server proves it too."""
+        timeout = self.cfg.cluster.handshake_timeout
+        challenge = self._json(MsgType.CHALLENGE, timeout)
+        server_nonce, my_nonce = str(challenge.get("nonce", "")), auth.nonce()
+        if challenge.get("auth") and self.token is None:
+            raise WorkerError(f"the {self.peer} requires a cluster token: set ${auth.TOKEN_ENV} or cluster.token_file")
+        hello: dict[str, Any] = {
+            "worker_id": self.id, "host": socket.gethostname(), "pid": os.getpid(), "nonce": my_nonce,
             "fingerprint": {**self.cfg.fingerprint(), "layout": layout(self.model)},
         }
+        if self.token is not None:
+            hello["proof"] = auth.proof(self.token, "worker", server_nonce, my_nonce, self.id)
         self._send(MsgType.HELLO, hello)
-        _, welcome = self._expect(MsgType.WELCOME, 0, self.cfg.cluster.worker_timeout)
-        logger.info(
-            f"joined the {self.peer} as worker {self.id}: shard of {len(self.train)} samples, "
-            f"{welcome['total_steps']} steps; waiting for the others"
-        )
+        welcome = self._json(MsgType.WELCOME, timeout)
+        if self.token is not None and not auth.verify(self.token, welcome.get("proof"), "server", server_nonce, my_nonce, self.id):
+            raise WorkerError(f"the {self.peer} did not prove it knows the cluster token; not training with it")
         return welcome
 
-    def _inject(self, step: int) -> None:
-        fault = self.faults.get(step)
-        if fault is None:
-            return
-        logger.warning(f"step {step}: injecting fault {fault.kind}{f' {fault.arg:g}' if fault.arg else ''}")
-        assert self.sock is not None
-        if fault.kind == "sleep":
-            time.sleep(fault.arg)
-        elif fault.kind == "exit":
-            self._send(MsgType.BYE, step=step)
-            self.sock.close()
-            sys.exit(0)
-        elif fault.kind == "kill":
-            os.kill(os.getpid(), signal.SIGKILL)
-        elif fault.kind == "disconnect":
-            frames = wire.frame(MsgType.GRAD, memoryview(self.flat.grad_bytes), step=step, worker=self.id,
-                                count=1, dtype=DType.F32)
-            wire.send_frame(self.sock, [frames[0], frames[1][: len(frames[1]) // 2]])
-            self.sock.close()
-            sys.exit(3)
-        elif fault.kind == "garbage":
-            self.sock.sendall(random.Random(step).randbytes(256))
-        elif fault.kind == "nan":
-            self.flat.grads[0] = float("nan")
+    def _sync(self) -> int:
+        """Receive the parameters and optimizer state to start from; returns the step they are at."""
+        c = self.cfg.cluster
+        header, _ = self._expect(MsgType.PARAMS, 0, c.join_timeout + c.worker_timeout)
+        _, state = self._expect(MsgType.STATE, header.step, c.worker_timeout)
+        try:
+            decode_state(self.optimizer, bytes(state), self.peer)
+        except CheckpointError as e:
+            raise WorkerError(str(e)) from None
+        return header.step
 
     def run(self) -> dict[str, Any]:
         """Train until the server says DONE; returns its final metrics."""
-        c = self.cfg.cluster
-        self.sock = connect(*self.address, c.connect_timeout)
         self.tracker = start_tracker(self.cfg, f"worker-{self.id}")
         try:
-            welcome = self._handshake()
-            header, _ = self._expect(MsgType.PARAMS, 0, c.join_timeout + c.worker_timeout)
-            logger.info(f"received the initial parameters; training from step {header.step}")
-            self._train(header.step, welcome["total_steps"])
-            _, done = self._expect(MsgType.DONE, welcome["total_steps"], c.worker_timeout)
-            logger.info(f"training done; the server reports test accuracy {done.get('test_accuracy', 0):.2f}%")
+            done = self._session()
+            while done is None:  # the server went away and cluster.reconnect is on
+                done = self._session()
             if self.save_params:
                 save_model(self.model, self.cfg.model, self.save_params)
             self.tracker.finish(done)
@@ -184,7 +211,35 @@ class Worker:
         except BaseException:
             self.tracker.finish()
             raise
+
+    def _session(self) -> dict[str, Any] | None:
+        """One connection's worth of training; None if it broke and we should reconnect."""
+        c = self.cfg.cluster
+        self.sock = self._dial()
+        stop = threading.Event()
+        beats = threading.Thread(target=self._heartbeats, args=(self.sock, stop), daemon=True, name="heartbeat")
+        try:
+            welcome = self._handshake()
+            total = welcome["total_steps"]
+            logger.info(f"joined the {self.peer} as worker {self.id}: shard of {len(self.train)} samples, "
+                        f"{total} steps; waiting for the parameters")
+            beats.start()
+            start = self._sync()
+            logger.info(f"received the parameters and optimizer state; training from step {start}")
+            self._train(start, total)
+            header, payload = self._expect(MsgType.DONE, total, c.worker_timeout)
+            done = wire.decode_json(payload, header, self.peer)
+            logger.info(f"training done; the server reports test accuracy {done.get('test_accuracy', 0):.2f}%")
+            return done
+        except ServerLost as e:
+            if not c.reconnect:
+                raise
+            logger.warning(f"{e}; reconnecting (cluster.reconnect is on)")
+            return None
         finally:
+            stop.set()
+            if beats.is_alive():
+                beats.join(timeout=5.0)  # a daemon thread alive at exit can abort the interpreter
             self.sock.close()
 
     def _train(self, start: int, total: int) -> None:
@@ -216,3 +271,30 @@ class Worker:
             }, step)
             bar.update(1, loss=f"{self.flat.loss:.4f}")
         bar.close()
+
+    def _inject(self, step: int) -> None:
+        fault = self.faults.pop(step, None)  # once: a rejoined worker does not repeat it
+        if fault is None:
+            return
+        logger.warning(f"step {step}: injecting fault {fault.kind}{f' {fault.arg:g}' if fault.arg else ''}")
+        assert self.sock is not None
+        if fault.kind == "sleep":
+            time.sleep(fault.arg)
+        elif fault.kind == "exit":
+            self._send(MsgType.BYE, step=step)
+            self.sock.close()
+            sys.exit(0)
+        elif fault.kind == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif fault.kind == "disconnect":
+            frames = wire.frame(MsgType.GRAD, memoryview(self.flat.grad_bytes), step=step, worker=self.id,
+                                count=1, dtype=DType.F32)
+            with self._send_lock:
+                wire.send_frame(self.sock, [frames[0], frames[1][: len(frames[1]) // 2]])
+            self.sock.close()
+            sys.exit(3)
+        elif fault.kind == "garbage":
+            with self._send_lock:
+                self.sock.sendall(random.Random(step).randbytes(256))
+        elif fault.kind == "nan":
+            self.flat.grads[0] = float("nan")
