@@ -36,8 +36,9 @@ def smolcluster(*args: str) -> list[str]:
     return [sys.executable, "-m", "smolcluster", *args]
 
 
-def env() -> dict[str, str]:
-    return {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled", "WANDB_SILENT": "true"}
+def env(**extra: str) -> dict[str, str]:
+    base = {k: v for k, v in os.environ.items() if k != "SMOLCLUSTER_TOKEN"}
+    return {**base, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled", "WANDB_SILENT": "true", **extra}
 
 
 @dataclass
@@ -60,6 +61,7 @@ class Cluster:
     args: list[str] = field(default_factory=list)
     port: int = field(default_factory=free_port)
     procs: dict[str, Proc] = field(default_factory=dict)
+    extra_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def out(self) -> Path:
@@ -70,9 +72,10 @@ class Cluster:
                 "--set", f"training.out_dir={self.out}", *self.args]
 
     def spawn(self, name: str, argv: list[str]) -> Proc:
+        self.tmp.mkdir(parents=True, exist_ok=True)
         log = self.tmp / f"{name.replace(' ', '-')}.log"
         with log.open("w") as f:
-            popen = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env=env(), cwd=REPO,
+            popen = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env=env(**self.extra_env), cwd=REPO,
                                      start_new_session=True)
         self.procs[name] = Proc(name, popen, log)
         return self.procs[name]
@@ -102,6 +105,23 @@ class Cluster:
                 self.kill()
                 raise AssertionError(f"{name} did not finish within {timeout} s:\n{self.logs()}") from None
         return codes
+
+    def wait_for_log(self, name: str, text: str, timeout: float = 60.0) -> None:
+        proc = self.procs[name]
+        wait_for(lambda: text in proc.output or proc.popen.poll() is not None, timeout, f"{name} to log {text!r}")
+        assert text in proc.output, f"{name} exited before logging {text!r}:\n{proc.output[-3000:]}"
+
+    def summary(self) -> dict:
+        import json
+
+        return json.loads((self.out / "summary.json").read_text())
+
+    def assert_replicas_equal(self, workers: list[int]) -> None:
+        server = self.server_params()
+        for k in workers:
+            worker = self.worker_params(k)
+            for key in server:
+                assert torch.equal(worker[key], server[key]), f"worker {k} differs from the server in {key}"
 
     def kill(self) -> None:
         for proc in self.procs.values():

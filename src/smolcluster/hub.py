@@ -118,7 +118,12 @@ class Hub:
             self.drop(peer, peer.closing or f"send failed: {e}")
             return
         if peer.closing and not peer.writer.pending:
-            self.drop(peer, peer.closing)
+            # Half-close and let _discard read until the peer closes too: closing with unread
+            # input makes the kernel send a reset, which can destroy our last frame in flight.
+            try:
+                peer.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                self.drop(peer, peer.closing)
             return
         events = selectors.EVENT_READ | (selectors.EVENT_WRITE if peer.writer.pending else 0)
         self.sel.modify(peer.sock, events, peer)
@@ -141,6 +146,17 @@ class Hub:
         """Tell the peer why with an ERROR frame, then close it."""
         self.close_after(peer, wire.frame(MsgType.ERROR, {"error": message}), message)
 
+    def _discard(self, peer: Peer) -> None:
+        """Read and drop what a closing peer still sends, until it closes (or the grace ends)."""
+        try:
+            while peer.sock.recv(65536):
+                pass
+        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
+            return
+        except OSError:
+            pass
+        self.drop(peer, peer.closing)
+
     def _tls_handshake(self, peer: Peer) -> None:
         try:
             peer.sock.do_handshake()  # type: ignore[attr-defined]
@@ -160,7 +176,9 @@ class Hub:
                 if peer.handshaking:
                     self._tls_handshake(peer)
                     continue
-                if events & selectors.EVENT_READ and not peer.closing:
+                if events & selectors.EVENT_READ and peer.closing:
+                    self._discard(peer)
+                elif events & selectors.EVENT_READ:
                     for header, payload in peer.reader.read():
                         peer.last_heard = time.monotonic()
                         self.handler.on_frame(peer, header, payload)

@@ -290,7 +290,7 @@ class Server:
                 logger.warning(f"step {self.step}: waited {now - first:.1f} s, still missing workers {missing}; "
                                f"continuing with {len(arrived)}/{c.num_workers} (min_workers={c.quorum})")
                 return arrived
-            if now - start >= c.worker_timeout:
+            if now - start >= c.worker_timeout and len(arrived) < c.quorum:
                 raise ClusterError(
                     f"step {self.step}: only {len(arrived)} gradients (from workers "
                     f"{sorted(p.worker_id for p in arrived)}) after {c.worker_timeout:.0f} s with "

@@ -111,7 +111,7 @@ def unpack_header(buf: bytes | bytearray | memoryview, peer: str) -> Header:
         raise ProtocolError(f"{peer}: truncated header ({len(buf)} of {HEADER_SIZE} bytes)")
     magic, version, mtype, dtype, flags, worker, step, offset, count, length = HEADER.unpack(buf)
     if magic != MAGIC:
-        hint = " (a pickle?)" if bytes(magic[:1]) == b"\x80" else ""
+        hint = " (a pickle?)" if b"\x80" in bytes(buf[:8]) else ""
         raise ProtocolError(f"{peer}: bad magic {bytes(magic)!r}{hint}: not a smolcluster peer")
     if version != PROTOCOL_VERSION:
         raise ProtocolError(
@@ -241,10 +241,26 @@ class FrameReader:
         self._got = 0
         self._skip_left = 0
         self._scratch = bytearray(0)
+        self._error: Exception | None = None
 
     def read(self) -> list[tuple[Header, memoryview]]:
-        """Everything that completed; raises ConnectionClosed on EOF, ProtocolError on bad input."""
+        """Everything that completed; raises ConnectionClosed on EOF, ProtocolError on bad input.
+
+        Frames that completed before the EOF or the bad input are returned first (a BYE followed
+        by a close must be seen as a BYE); the error is raised by the next call.
+        """
+        if self._error is not None:
+            raise self._error
         done: list[tuple[Header, memoryview]] = []
+        try:
+            self._read_into(done)
+        except (ConnectionClosed, ProtocolError) as e:
+            if not done:
+                raise
+            self._error = e
+        return done
+
+    def _read_into(self, done: list[tuple[Header, memoryview]]) -> None:
         while True:
             if self._skip_left:
                 if not self._scratch:
@@ -255,7 +271,7 @@ class FrameReader:
             try:
                 n = self.sock.recv_into(want)
             except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
-                return done
+                return
             if n == 0:
                 raise ConnectionClosed(f"{self.peer} closed the connection")
             if self._skip_left:
