@@ -10,8 +10,8 @@ Wire formats (the payload of one tensor frame; all little-endian, `n` = number o
 
 int8: element i belongs to chunk i // chunk (the last chunk may be partial) and decodes to
 `q[i] * scale[i // chunk]`; the encoder writes `scale = max|x| / 127` and `q = round(x / scale)` in
--127..127 (a zero chunk has scale 0). Both sides must agree on `chunk` (it changes the payload
-size, so a mismatch is caught by the length check).
+-127..127 (a zero chunk has scale 0). Both sides must agree on `chunk`: put it in the config
+fingerprint, as the length check catches a mismatch only when the number of chunks differs.
 
 bf16 and fp16 round to nearest even; finite values beyond the type's range clamp to its largest
 finite value instead of becoming inf, while NaN and +-inf pass through, so a broken gradient still
