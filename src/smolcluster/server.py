@@ -31,7 +31,7 @@ from smolcluster.flat import FlatModel
 from smolcluster.models import build_model, layout
 from smolcluster.progress import Progress
 from smolcluster.results import save_model, write_summary
-from smolcluster.tracking import start_tracker
+from smolcluster.tracking import group_name, start_tracker
 from smolcluster.train import build_optimizer, evaluate, learning_rate, optimizer_step, set_threads
 from smolcluster.wire import DType, Header, MsgType, ProtocolError
 
@@ -106,6 +106,7 @@ class Server:
         self.evals: list[dict[str, float]] = []
         self.stats = StepStats()
         self.step_times: list[float] = []
+        self.wandb_group = group_name(cfg)  # told to every worker, so all runs land in one W&B group
         self.sel = selectors.DefaultSelector()
         self.listener = self._listen()
 
@@ -277,6 +278,7 @@ class Server:
         logger.info(f"worker {wid} joined from {peer.addr} ({host}); {len(self.workers)}/{n} workers")
         self._send(peer, wire.frame(MsgType.WELCOME, {
             "worker_id": wid, "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
+            "wandb_group": self.wandb_group,
         }))
 
     def _on_checksum(self, peer: Peer, header: Header, body: dict[str, Any]) -> None:
@@ -376,7 +378,7 @@ class Server:
         """Train to the end; returns the summary (also written to out_dir/summary.json)."""
         c, t = self.cfg.cluster, self.cfg.training
         t_start = time.monotonic()
-        self.tracker = start_tracker(self.cfg, "server")
+        self.tracker = start_tracker(self.cfg, "server", self.wandb_group)
         try:
             self._wait_for_workers()
             logger.info(

@@ -25,7 +25,7 @@ from smolcluster.flat import FlatModel
 from smolcluster.models import build_model, layout
 from smolcluster.progress import Progress
 from smolcluster.results import save_model
-from smolcluster.tracking import start_tracker
+from smolcluster.tracking import NullTracker, Tracker, start_tracker
 from smolcluster.train import build_optimizer, loss_fn, optimizer_step, set_threads
 from smolcluster.wire import DType, Header, MsgType, ProtocolError
 
@@ -169,9 +169,11 @@ class Worker:
         """Train until the server says DONE; returns its final metrics."""
         c = self.cfg.cluster
         self.sock = connect(*self.address, c.connect_timeout)
-        self.tracker = start_tracker(self.cfg, f"worker-{self.id}")
+        self.tracker: Tracker = NullTracker()
         try:
             welcome = self._handshake()
+            # After the handshake: the server names the W&B group this worker's run belongs to.
+            self.tracker = start_tracker(self.cfg, f"worker-{self.id}", welcome.get("wandb_group"))
             header, _ = self._expect(MsgType.PARAMS, 0, c.join_timeout + c.worker_timeout)
             logger.info(f"received the initial parameters; training from step {header.step}")
             self._train(header.step, welcome["total_steps"])
