@@ -60,6 +60,8 @@ class Cluster:
     args: list[str] = field(default_factory=list)
     port: int = field(default_factory=free_port)
     procs: dict[str, Proc] = field(default_factory=dict)
+    extra_env: dict[str, str] = field(default_factory=dict)
+    """Environment variables every process gets on top of env() (e.g. WANDB_MODE)."""
 
     @property
     def out(self) -> Path:
@@ -72,7 +74,7 @@ class Cluster:
     def spawn(self, name: str, argv: list[str]) -> Proc:
         log = self.tmp / f"{name.replace(' ', '-')}.log"
         with log.open("w") as f:
-            popen = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env=env(), cwd=REPO,
+            popen = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env={**env(), **self.extra_env}, cwd=REPO,
                                      start_new_session=True)
         self.procs[name] = Proc(name, popen, log)
         return self.procs[name]
