@@ -34,7 +34,7 @@ from smolcluster.hub import Hub, Peer
 from smolcluster.models import build_model, layout
 from smolcluster.progress import Progress
 from smolcluster.results import save_model, write_summary
-from smolcluster.tracking import start_tracker
+from smolcluster.tracking import group_name, start_tracker
 from smolcluster.train import build_optimizer, evaluate, learning_rate, optimizer_step, set_threads
 from smolcluster.wire import DType, Header, MsgType, ProtocolError
 
@@ -100,6 +100,7 @@ class Server:
         self.step_late = 0
         self.step_times: list[float] = []
         self.evals: list[dict[str, float]] = []
+        self.wandb_group = group_name(cfg)  # told to every worker, so all runs land in one W&B group
         if resume:
             self._resume()
         self.hub = Hub(host, c.port, self, heartbeat_s=c.heartbeat_s, silence_s=c.worker_timeout,
@@ -206,7 +207,8 @@ class Server:
             self.counters.rejoined += 1
         logger.info(f"worker {wid} {'rejoined' if self.started else 'joined'} from {peer.addr} "
                     f"({str(hello.get('host', '?'))[:64]}); {len(self.workers)}/{n} workers")
-        welcome: dict[str, Any] = {"worker_id": wid, "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch}
+        welcome: dict[str, Any] = {"worker_id": wid, "total_steps": self.total_steps,
+                                   "steps_per_epoch": self.steps_per_epoch, "wandb_group": self.wandb_group}
         if self.token is not None:
             welcome["proof"] = auth.proof(self.token, "server", peer.nonce, worker_nonce, wid)
         self.hub.send(peer, wire.frame(MsgType.WELCOME, welcome))
@@ -387,7 +389,7 @@ class Server:
         """Train to the end; returns the summary (also written to out_dir/summary.json)."""
         c = self.cfg.cluster
         t_start = time.monotonic()
-        self.tracker = start_tracker(self.cfg, "server")
+        self.tracker = start_tracker(self.cfg, "server", self.wandb_group)
         try:
             self._wait_for_workers()
             logger.info(f"all {c.num_workers} workers joined; training {self.cfg.model.type} for "

@@ -43,7 +43,7 @@ _IOV_MAX = 64
 
 class MsgType(enum.IntEnum):
     HELLO = 1  # worker -> server, JSON: id, config fingerprint, layout
-    WELCOME = 2  # server -> worker, JSON: the run's shape (steps, workers)
+    WELCOME = 2  # server -> worker, JSON: the run's shape (steps, workers) and its W&B group
     REJECT = 3  # server -> worker, JSON: why the handshake was refused
     PARAMS = 4  # server -> worker, tensor: parameters to start from at `step`
     GRAD = 5  # worker -> server, tensor: gradient of `step` over `count` samples

@@ -28,7 +28,7 @@ from smolcluster.flat import FlatModel
 from smolcluster.models import build_model, layout
 from smolcluster.progress import Progress
 from smolcluster.results import save_model
-from smolcluster.tracking import start_tracker
+from smolcluster.tracking import NullTracker, Tracker, start_tracker
 from smolcluster.train import build_optimizer, loss_fn, optimizer_step, set_threads
 from smolcluster.wire import DType, Header, MsgType, ProtocolError
 
@@ -199,7 +199,8 @@ class Worker:
 
     def run(self) -> dict[str, Any]:
         """Train until the server says DONE; returns its final metrics."""
-        self.tracker = start_tracker(self.cfg, f"worker-{self.id}")
+        self.tracker: Tracker = NullTracker()
+        self._tracking = False
         try:
             done = self._session()
             while done is None:  # the server went away and cluster.reconnect is on
@@ -220,6 +221,9 @@ class Worker:
         beats = threading.Thread(target=self._heartbeats, args=(self.sock, stop), daemon=True, name="heartbeat")
         try:
             welcome = self._handshake()
+            if not self._tracking:  # the server names the W&B group this worker's run belongs to
+                self.tracker = start_tracker(self.cfg, f"worker-{self.id}", welcome.get("wandb_group"))
+                self._tracking = True
             total = welcome["total_steps"]
             logger.info(f"joined the {self.peer} as worker {self.id}: shard of {len(self.train)} samples, "
                         f"{total} steps; waiting for the parameters")
