@@ -121,6 +121,10 @@ class Codec:
         """acc += weight * decode(payload), with no model-sized temporary (the server's weighted sum)."""
         raise NotImplementedError
 
+    def finite(self, payload: Buffer, numel: int) -> bool:
+        """Whether the payload decodes to finite values only (the server rejects it otherwise)."""
+        raise NotImplementedError
+
     def _encode(self, src: torch.Tensor, out: memoryview, residual: torch.Tensor | None) -> tuple[memoryview, bool]:
         """Encode `src`, or with a residual: residual += src, encode it, residual -= decoded.
 
@@ -179,6 +183,9 @@ class Fp32(Codec):
     def accumulate(self, payload: Buffer, acc: torch.Tensor, weight: float = 1.0) -> None:
         acc.add_(_view(self._payload(payload, acc), torch.float32, acc.numel()), alpha=weight)
 
+    def finite(self, payload: Buffer, numel: int) -> bool:
+        return bool(torch.isfinite(_view(payload, torch.float32, numel)).all())
+
 
 class _Cast(Codec):
     """A cast to a 16-bit float with clamping to its finite range; NaN and inf pass through."""
@@ -223,6 +230,9 @@ class _Cast(Codec):
         for i in range(0, acc.numel(), BLOCK):
             a = acc[i : i + BLOCK]
             a.add_(self._scratch[: a.numel()].copy_(src[i : i + BLOCK]), alpha=weight)
+
+    def finite(self, payload: Buffer, numel: int) -> bool:
+        return bool(torch.isfinite(_view(payload, self.target, numel)).all())
 
 
 class Bf16(_Cast):
@@ -300,6 +310,10 @@ class Int8(Codec):
         for rows, els, shape in self._blocks(out.numel()):
             o = out[els].view(shape)
             o.copy_(q[els].view(shape)).mul_(scales[rows, None])
+
+    def finite(self, payload: Buffer, numel: int) -> bool:
+        scales, _ = self._split(_bytes(payload), numel)
+        return bool(torch.isfinite(scales * 127.0).all())
 
     def accumulate(self, payload: Buffer, acc: torch.Tensor, weight: float = 1.0) -> None:
         scales, q = self._split(self._payload(payload, acc), acc.numel())
