@@ -103,9 +103,13 @@ tar -x -f -
 }
 
 # setup_script: what each host runs once (through sh -s, so the secrets in it travel on stdin).
+# It starts in the remote home, where relative paths of the config (dir, uv, python) start from.
 setup_script() {
   cat <<EOF
 set -eu
+PY=$(q "$python") UV=$(q "$uv")
+case \$PY in -|/*) ;; *) PY=\$HOME/\$PY ;; esac
+case \$UV in -|/*) ;; *) UV=\$HOME/\$UV ;; esac
 cd $(q "$dir")
 mkdir -p launch
 umask 077
@@ -119,7 +123,6 @@ $EOF_MARK
 cat >launch/nn.yaml <<'$EOF_MARK'
 $(cat "$NN_CONFIG")
 $EOF_MARK
-PY=$(q "$python") UV=$(q "$uv")
 if [ "\$PY" != - ]; then
   "\$PY" -c 'import loguru, yaml' </dev/null ||
     { echo "\$PY on \$(uname -n) (ssh.$name.python) cannot import smolcluster's dependencies" >&2; exit 3; }
@@ -165,6 +168,7 @@ start_one() {
       echo 'PY=$D/.venv/bin/python'
     else
       echo "PY=$(q "$python")"
+      echo 'case $PY in /*) ;; *) PY=$HOME/$PY ;; esac'
       echo 'PYTHONPATH=$D/src${PYTHONPATH:+:$PYTHONPATH}; export PYTHONPATH'
     fi
     printf '"$PY" -m smolcluster %s' "$role"

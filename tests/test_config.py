@@ -113,6 +113,14 @@ def test_ssh_entries_fall_back_to_default_then_to_ssh_itself(tmp_path):
     assert (mini3.user, mini3.key, mini3.uv) == ("bob", "~/.ssh/id_ed25519", "/opt/homebrew/bin/uv")
 
 
+def test_paths_on_the_host_are_relative_to_its_home(tmp_path):
+    text = "server: a\nworkers: [b]\nnum_workers: 1\nssh: {default: {dir: ~/sc, uv: ~/.local/bin/uv, python: /opt/py}}\n"
+    (_, _, _, host), _ = load_config(write(tmp_path, "c.yaml", text), None).cluster.launch_hosts()
+    assert (host.dir, host.uv, host.python) == ("sc", ".local/bin/uv", "/opt/py")
+    with pytest.raises(ConfigError, match=r"ssh\.a\.dir: expected an absolute path or one relative to the home"):
+        load_config(None, None, ["cluster.ssh.a.dir=~bob/sc"])
+
+
 def test_the_shipped_minis_example_loads():
     from smolcluster.config import REPO_ROOT
 

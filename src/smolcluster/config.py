@@ -57,8 +57,8 @@ class SshHost:
     key: str | None = None
     """Private key file on this machine (~ allowed); default: ssh's usual keys."""
     dir: str | None = None
-    """Folder on the host the code is copied to; relative to the remote home unless absolute
-    (default: smolcluster)."""
+    """Folder on the host the code is copied to (default: smolcluster). Paths on the host (dir, uv,
+    python) are relative to its home unless absolute; ~/ is allowed."""
     uv: str | None = None
     """Path of uv on the host; default: found on PATH, in ~/.local/bin, ~/.cargo/bin or Homebrew's."""
     python: str | None = None
@@ -72,6 +72,15 @@ class SshHost:
             value = getattr(self, name)
             if value is not None:
                 _shell_safe(name, value)
+        for name in ("dir", "uv", "python"):
+            value = getattr(self, name)
+            if value and value.startswith("~") and (not value.startswith("~/") or value == "~/"):
+                raise ConfigError(f"{name}: expected an absolute path or one relative to the home, got {value!r}")
+
+    def on_host(self) -> SshHost:
+        """The same, with ~/ dropped from paths on the host (launch.sh starts in the remote home)."""
+        home = {n: v[2:] for n in ("dir", "uv", "python") if (v := getattr(self, n)) and v.startswith("~/")}
+        return dataclasses.replace(self, **home)
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -159,7 +168,7 @@ class ClusterConfig:
                       for f in dataclasses.fields(SshHost)}
             merged["address"] = merged["address"] or name
             merged["dir"] = merged["dir"] or "smolcluster"
-            out.append((role, k, name, SshHost(**merged)))
+            out.append((role, k, name, SshHost(**merged).on_host()))
         return out
 
 
