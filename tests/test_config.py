@@ -90,3 +90,89 @@ def test_fingerprint_diff_says_what_differs():
     b = load_config(None, None, ["training.learning_rate=0.01"]).fingerprint()
     assert diff_fingerprints(a, b) == ["training.learning_rate: server has 0.003, worker has 0.01"]
     assert diff_fingerprints(a, a) == []
+
+
+# --- the ssh section (launch.sh) --------------------------------------------------------------
+
+MINIS = """\
+server: mini1
+workers: [mini2, mini3]
+ssh:
+  default: {user: alice, key: ~/.ssh/id_ed25519}
+  mini1: {address: 192.168.1.10, port: 2222, dir: /opt/sc}
+  mini3: {user: bob, uv: /opt/homebrew/bin/uv}
+"""
+
+
+def test_ssh_entries_fall_back_to_default_then_to_ssh_itself(tmp_path):
+    cfg = load_config(write(tmp_path, "c.yaml", MINIS), None)
+    hosts = {name: (role, k, h) for role, k, name, h in cfg.cluster.launch_hosts()}
+    assert [(r, k) for r, k, _ in hosts.values()] == [("server", 0), ("worker", 1), ("worker", 2)]
+    mini1, mini2, mini3 = (hosts[n][2] for n in ("mini1", "mini2", "mini3"))
+    assert (mini1.address, mini1.user, mini1.port, mini1.dir) == ("192.168.1.10", "alice", 2222, "/opt/sc")
+    assert (mini2.address, mini2.user, mini2.port, mini2.dir, mini2.uv) == ("mini2", "alice", None, "smolcluster", None)
+    assert (mini3.user, mini3.key, mini3.uv) == ("bob", "~/.ssh/id_ed25519", "/opt/homebrew/bin/uv")
+
+
+def test_paths_on_the_host_are_relative_to_its_home(tmp_path):
+    text = "server: a\nworkers: [b]\nnum_workers: 1\nssh: {default: {dir: ~/sc, uv: ~/.local/bin/uv, python: /opt/py}}\n"
+    (_, _, _, host), _ = load_config(write(tmp_path, "c.yaml", text), None).cluster.launch_hosts()
+    assert (host.dir, host.uv, host.python) == ("sc", ".local/bin/uv", "/opt/py")
+    with pytest.raises(ConfigError, match=r"ssh\.a\.dir: expected an absolute path or one relative to the home"):
+        load_config(None, None, ["cluster.ssh.a.dir=~bob/sc"])
+
+
+def test_the_shipped_minis_example_loads():
+    from smolcluster.config import REPO_ROOT
+
+    cfg = load_config(REPO_ROOT / "configs" / "cluster_minis.yaml", None)
+    assert [name for _, _, name, _ in cfg.cluster.launch_hosts()] == ["mini1", "mini2", "mini3"]
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("ssh: {mini1: {hostname: x}}", r"c\.yaml: ssh\.mini1\.hostname: unknown key; known keys are address"),
+        ("ssh: {mini1: {port: 0}}", r"c\.yaml: ssh\.mini1\.port: expected 1\.\.65535, got 0"),
+        ("ssh: {mini1: {dir: 'my dir'}}", r"c\.yaml: ssh\.mini1\.dir: expected no spaces, quotes or shell"),
+        ("ssh: {mini1: {user: 'a;rm'}}", r"c\.yaml: ssh\.mini1\.user: expected no spaces"),
+        ("ssh: {mini1: [x]}", r"c\.yaml: ssh\.mini1: expected a mapping"),
+        ("ssh: [mini1]", r"c\.yaml: ssh: expected a mapping"),
+    ],
+)
+def test_bad_ssh_entries_name_file_and_key(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, "c.yaml", f"server: mini1\nworkers: [mini2, mini3]\n{text}\n"), None)
+
+
+def test_bad_ssh_override_says_so():
+    with pytest.raises(ConfigError, match=r"^--set cluster\.ssh\.mini1\.port: expected"):
+        load_config(None, None, ["cluster.ssh.mini1.port=ssh"])
+
+
+def test_launch_hosts_needs_workers_and_plain_host_names():
+    with pytest.raises(ConfigError, match=r"workers: launch.sh needs the list of worker host names"):
+        load_config().cluster.launch_hosts()
+    cfg = load_config(None, None, ["cluster.workers=[mini2, 'my mini']"])
+    with pytest.raises(ConfigError, match=r"workers\[1\]: expected no spaces"):
+        cfg.cluster.launch_hosts()
+
+
+def test_hosts_command_prints_one_line_per_process(tmp_path, capsys):
+    from smolcluster.cli import main
+
+    assert main(["hosts", "--cluster-config", str(write(tmp_path, "c.yaml", MINIS))]) == 0
+    key = str(Path("~/.ssh/id_ed25519").expanduser())
+    assert capsys.readouterr().out.splitlines() == [
+        f"server 0 mini1 192.168.1.10 alice 2222 {key} /opt/sc - -",
+        f"worker 1 mini2 mini2 alice - {key} smolcluster - -",
+        f"worker 2 mini3 mini3 bob - {key} smolcluster /opt/homebrew/bin/uv -",
+    ]
+
+
+def test_hosts_command_names_the_file_when_workers_are_missing(tmp_path, capsys):
+    from smolcluster.cli import main
+
+    path = write(tmp_path, "c.yaml", "server: mini1\n")
+    assert main(["hosts", "--cluster-config", str(path)]) == 2
+    assert f"{path}: workers: launch.sh needs" in capsys.readouterr().err

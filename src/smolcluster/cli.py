@@ -1,16 +1,17 @@
-"""The `smolcluster` command: server, worker, run (a local cluster) and eval."""
+"""The `smolcluster` command: server, worker, run (a local cluster), eval, and hosts (for launch.sh)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from loguru import logger
 
 from smolcluster import log
-from smolcluster.config import Config, ConfigError, load_config
+from smolcluster.config import DEFAULT_CLUSTER, Config, ConfigError, load_config
 
 EPILOG = "Config keys and their defaults: see README.md, or configs/*.yaml."
 
@@ -80,7 +81,23 @@ def parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a saved model.safetensors on the test set", epilog=EPILOG)
     e.add_argument("model_path", metavar="MODEL", help="path to model.safetensors")
     _config_args(e)
+    h = sub.add_parser("hosts", help="print the hosts launch.sh starts processes on, one line each",
+                       description=HOSTS_DOC, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    _config_args(h)
     return p
+
+
+HOSTS_DOC = """\
+One line per process, fields separated by one space, '-' where a field is unset:
+
+  ROLE ID NAME ADDRESS USER PORT KEY DIR UV PYTHON
+  server 0 mini1 192.168.1.10 alice - /Users/alice/.ssh/id_ed25519 smolcluster - -
+  worker 1 mini2 192.168.1.11 alice - /Users/alice/.ssh/id_ed25519 smolcluster - -
+
+ROLE is server or worker, ID the worker id (0 for the server), NAME the host name from the cluster
+config, the rest comes from its `ssh` section (KEY with ~ expanded). launch.sh reads this so that it
+never parses YAML itself.
+"""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,7 +189,23 @@ def _eval(args: argparse.Namespace, cfg: Config, _: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"server": _server, "worker": _worker, "run": _run, "eval": _eval}
+def _hosts(args: argparse.Namespace, cfg: Config, _: list[str]) -> int:
+    c = cfg.cluster
+    try:
+        procs = c.launch_hosts()
+    except ConfigError as e:
+        raise ConfigError(f"{args.cluster_config or DEFAULT_CLUSTER}: {e}") from None
+    unused = sorted(set(c.ssh) - {name for _, _, name, _ in procs} - {"default"})
+    if unused:
+        logger.warning(f"ssh: entries {unused} are neither the server ({c.server}) nor a worker {c.workers}")
+    for role, k, name, h in procs:
+        key = os.path.expanduser(h.key) if h.key else None
+        fields = [role, k, name, h.address, h.user, h.port, key, h.dir, h.uv, h.python]
+        print(" ".join("-" if v is None else str(v) for v in fields))
+    return 0
+
+
+COMMANDS = {"server": _server, "worker": _worker, "run": _run, "eval": _eval, "hosts": _hosts}
 
 
 def server_alias() -> int:

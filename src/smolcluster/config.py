@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -31,6 +32,55 @@ def _positive(name: str, value: float, allow_zero: bool = False) -> None:
     if value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise ConfigError(f"{name}: expected a number {bound}, got {value!r}")
+
+
+# launch.sh pastes these values into ssh and remote shell commands: no spaces or shell characters.
+SHELL_SAFE = re.compile(r"[A-Za-z0-9._~/@%+:-]+")
+
+
+def _shell_safe(name: str, value: str) -> None:
+    if not SHELL_SAFE.fullmatch(value):
+        raise ConfigError(f"{name}: expected no spaces, quotes or shell characters, got {value!r}")
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class SshHost:
+    """How launch.sh reaches one host over ssh; every key is optional (ssh's own defaults apply,
+    including ~/.ssh/config). An entry named `default` fills in what a host's own entry leaves out."""
+
+    address: str | None = None
+    """Address or ssh alias to dial; default: the host name."""
+    user: str | None = None
+    """ssh user; default: ssh's (your local user name, or ~/.ssh/config)."""
+    port: int | None = None
+    """ssh port; default: ssh's (22)."""
+    key: str | None = None
+    """Private key file on this machine (~ allowed); default: ssh's usual keys."""
+    dir: str | None = None
+    """Folder on the host the code is copied to (default: smolcluster). Paths on the host (dir, uv,
+    python) are relative to its home unless absolute; ~/ is allowed."""
+    uv: str | None = None
+    """Path of uv on the host; default: found on PATH, in ~/.local/bin, ~/.cargo/bin or Homebrew's."""
+    python: str | None = None
+    """Run this Python on the host instead of `uv sync`-ing dir/.venv; it must have smolcluster's
+    dependencies (the copied code goes first on PYTHONPATH). Default: uv sync."""
+
+    def __post_init__(self) -> None:
+        if self.port is not None and not 0 < self.port < 65536:
+            raise ConfigError(f"port: expected 1..65535, got {self.port}")
+        for name in ("address", "user", "key", "dir", "uv", "python"):
+            value = getattr(self, name)
+            if value is not None:
+                _shell_safe(name, value)
+        for name in ("dir", "uv", "python"):
+            value = getattr(self, name)
+            if value and value.startswith("~") and (not value.startswith("~/") or value == "~/"):
+                raise ConfigError(f"{name}: expected an absolute path or one relative to the home, got {value!r}")
+
+    def on_host(self) -> SshHost:
+        """The same, with ~/ dropped from paths on the host (launch.sh starts in the remote home)."""
+        home = {n: v[2:] for n in ("dir", "uv", "python") if (v := getattr(self, n)) and v.startswith("~/")}
+        return dataclasses.replace(self, **home)
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -82,6 +132,8 @@ class ClusterConfig:
     """Host name of the server machine (used by launch.sh)."""
     workers: list[str] = field(default_factory=list)
     """Host names of the workers, ids 1..N in list order (used by launch.sh)."""
+    ssh: dict[str, SshHost] = field(default_factory=dict)
+    """launch.sh: how to reach each host (address, user, port, key, dir, uv, python), by host name."""
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -124,6 +176,24 @@ class ClusterConfig:
         if self.bind is not None:
             return self.bind
         return self.host_ip if isinstance(self.host_ip, str) else "0.0.0.0"
+
+    def launch_hosts(self) -> list[tuple[str, int, str, SshHost]]:
+        """(role, worker id (0: server), host name, how to reach it) for every process launch.sh starts."""
+        if not self.workers:
+            raise ConfigError("workers: launch.sh needs the list of worker host names (ids 1..N in list order)")
+        procs = [("server", 0, self.server, "server"),
+                 *(("worker", k, name, f"workers[{k - 1}]") for k, name in enumerate(self.workers, 1))]
+        fallback = self.ssh.get("default", SshHost())
+        out = []
+        for role, k, name, key in procs:
+            _shell_safe(key, name)
+            own = self.ssh.get(name, SshHost())
+            merged = {f.name: getattr(own, f.name) if getattr(own, f.name) is not None else getattr(fallback, f.name)
+                      for f in dataclasses.fields(SshHost)}
+            merged["address"] = merged["address"] or name
+            merged["dir"] = merged["dir"] or "smolcluster"
+            out.append((role, k, name, SshHost(**merged).on_host()))
+        return out
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -284,6 +354,8 @@ def _describe(value: Any) -> str:
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:
     """Check `value` against the type hint `tp`; return it (ints are accepted for floats)."""
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, where)
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         errors = []
