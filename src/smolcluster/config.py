@@ -126,6 +126,15 @@ class ClusterConfig:
     checkpoint_steps: int = 500
     """The server checkpoints every this many steps into out_dir/checkpoints (0: never)."""
     keep_checkpoints: int = 2
+    compression: Literal["fp32", "bf16", "fp16", "int8"] = "fp32"
+    """Gradients on the wire: fp32 (exact), bf16/fp16 (half the bytes), int8 (a quarter); the lossy
+    ones carry their rounding error over to the next step (error feedback), so nothing is lost."""
+    int8_chunk: int = 2048
+    """int8 only: elements sharing one scale."""
+    bucket_mb: float = 1.0
+    """Gradient bucket size in MiB: each bucket travels and is averaged as soon as it is complete."""
+    overlap: bool = True
+    """Worker: send buckets while backward is still running (no effect on the numbers)."""
     reconnect: bool = False
     """Worker: when the server goes away, keep retrying (for connect_timeout) instead of exiting."""
     server: str = "localhost"
@@ -149,6 +158,8 @@ class ClusterConfig:
             _positive(name, getattr(self, name))
         _positive("checksum_steps", self.checksum_steps, allow_zero=True)
         _positive("checkpoint_steps", self.checkpoint_steps, allow_zero=True)
+        _positive("bucket_mb", self.bucket_mb)
+        _positive("int8_chunk", self.int8_chunk)
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("tls_cert and tls_key: set both (server TLS) or neither")
         if self.workers and len(self.workers) != self.num_workers:
@@ -316,7 +327,7 @@ class Config:
             "training": t,
             "model": d["model"],
             "dataset": {k: v for k, v in d["dataset"].items() if k != "root"},
-            "cluster": {"seed": self.cluster.seed, "num_workers": self.cluster.num_workers},
+            "cluster": {k: d["cluster"][k] for k in FINGERPRINT_CLUSTER},
         }
 
     def replace(self, section: str, **changes: Any) -> Config:
@@ -327,6 +338,8 @@ FINGERPRINT_TRAINING = (
     "batch_size", "learning_rate", "lr_schedule", "warmup_steps", "optimizer", "momentum", "weight_decay",
     "num_epochs", "max_steps",
 )
+
+FINGERPRINT_CLUSTER = ("seed", "num_workers", "compression", "int8_chunk", "bucket_mb")
 
 # Keys of upstream's files that moved; their values are carried over with a warning.
 LEGACY_CLUSTER = {"timeout": "step_timeout"}

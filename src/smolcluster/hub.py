@@ -14,7 +14,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import torch
 from loguru import logger
 
 from smolcluster import wire
@@ -35,10 +34,8 @@ class Peer:
     worker_id: int = 0
     synced: bool = False
     """Holds the current parameters and optimizer state (so its gradients count)."""
-    grad: torch.Tensor | None = None
-    grad_view: memoryview | None = None
-    grad_step: int = -1
-    count: int = 0
+    inbox: Any = None
+    """Its gradient payloads (an averaging.Inbox), once it joined."""
     since: float = field(default_factory=time.monotonic)
     last_heard: float = field(default_factory=time.monotonic)
     handshaking: bool = False

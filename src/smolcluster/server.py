@@ -26,6 +26,8 @@ import torch
 from loguru import logger
 
 from smolcluster import auth, data, wire
+from smolcluster.averaging import Averager
+from smolcluster.buckets import make_buckets
 from smolcluster.checkpoint import encode_state, load_checkpoint, save_checkpoint
 from smolcluster.config import Config, diff_fingerprints
 from smolcluster.faults import Fault
@@ -89,6 +91,10 @@ class Server:
         total = self.steps_per_epoch * t.num_epochs
         self.total_steps = min(total, t.max_steps) if t.max_steps else total
         self.fingerprint = {**cfg.fingerprint(), "layout": layout(self.model)}
+        sizes = [p.numel() for p in self.model.parameters() if p.requires_grad]
+        self.avg = Averager(self.flat, make_buckets(sizes, max(1, int(c.bucket_mb * 2**20) // 4)),
+                            c.compression, c.int8_chunk)
+        self.first_arrival: float | None = None
         self.faults = {f.step: f for f in faults or []}
         self.state_limit = 4 * self.flat.nbytes + (1 << 20)
         self.step = 0
@@ -153,15 +159,11 @@ class Server:
             return None
         if header.type != MsgType.GRAD or not peer.synced:
             raise ProtocolError(f"{peer.name}: a worker may not send {header.type.name} now")
-        if header.dtype != DType.F32 or header.offset != 0:
-            raise ProtocolError(f"{peer.name}: GRAD must be whole float32, got {header.dtype.name} at {header.offset}")
         if header.step > self.step:
             raise ProtocolError(f"{peer.name}: gradient for step {header.step} while the server is at step {self.step}")
-        if peer.grad_step == self.step:
-            raise ProtocolError(f"{peer.name}: second gradient for step {self.step} (this one says {header.step})")
         if not 0 < header.count <= self.cfg.training.batch_size:
             raise ProtocolError(f"{peer.name}: gradient over {header.count} samples (batch_size {self.cfg.training.batch_size})")
-        return peer.grad_view if header.step == self.step else wire.SKIP
+        return self.avg.target(peer.inbox, header, peer.name)
 
     def on_frame(self, peer: Peer, header: Header, payload: memoryview) -> None:
         if header.type == MsgType.HELLO:
@@ -200,8 +202,7 @@ class Server:
         if diffs:
             return self._refuse(peer, wid, "config differs from the server's: " + "; ".join(diffs[:5]))
         peer.worker_id = wid
-        buf = bytearray(len(self.flat.grad_bytes))
-        peer.grad, peer.grad_view = torch.frombuffer(buf, dtype=torch.float32), memoryview(buf)
+        peer.inbox = self.avg.inbox()
         self.workers[wid] = peer
         if self.started:
             self.counters.rejoined += 1
@@ -214,15 +215,18 @@ class Server:
         self.hub.send(peer, wire.frame(MsgType.WELCOME, welcome))
 
     def _on_grad(self, peer: Peer, header: Header) -> None:
-        if header.step != self.step:
-            self.counters.late += 1
-            self.step_late += 1
-            logger.warning(f"step {self.step}: dropped late gradient of step {header.step} from worker {peer.worker_id}")
+        result, inbox = self.avg.receive(peer.inbox, header), peer.inbox
+        if result == "late":
+            if inbox.late_step != header.step:  # once per worker and step, not per bucket
+                inbox.late_step = header.step
+                self.counters.late += 1
+                self.step_late += 1
+                logger.warning(f"step {self.step}: dropped late gradient of step {header.step} from worker {peer.worker_id}")
             return
-        peer.grad_step, peer.count = header.step, header.count
-        assert peer.grad is not None
-        if not bool(torch.isfinite(peer.grad).all()):
-            peer.count = 0  # present, but contributes nothing
+        if self.first_arrival is None:
+            self.first_arrival = time.monotonic()
+        if result == "nonfinite" and inbox.bad_step != self.step:
+            inbox.bad_step = self.step
             self.counters.nonfinite += 1
             logger.error(f"step {self.step}: rejected a non-finite (NaN/Inf) gradient from worker {peer.worker_id}")
 
@@ -275,55 +279,53 @@ class Server:
                 logger.info(f"worker {peer.worker_id} is back in lockstep from step {self.step}")
 
     def _collect(self) -> list[Peer]:
-        """Gradients of the current step: from every live worker, or after the deadline from a quorum."""
+        """Average the current step bucket by bucket as workers deliver, streaming each average back.
+
+        Every bucket waits for every live worker; once `step_timeout` passed after the step's first
+        gradient and at least min_workers delivered everything, the rest is averaged over what came.
+        Returns the workers whose whole gradient counted.
+        """
         c = self.cfg.cluster
-        start = time.monotonic()
-        first: float | None = None
+        self.avg.begin(self.step)
+        for peer in self.workers.values():
+            peer.writer.own()  # a lagging worker keeps its own copy of the previous step's averages
+        start, self.first_arrival = time.monotonic(), None
         while True:
-            live = [p for p in self.workers.values() if p.synced]
-            arrived = [p for p in live if p.grad_step == self.step]
+            live = sorted((p for p in self.workers.values() if p.synced), key=lambda p: p.worker_id)
+            if len(live) >= c.quorum:
+                for b in self.avg.ready([p.inbox for p in live]):
+                    self._reduce_and_send(b, live)
+            complete = [p for p in live if p.inbox.complete(self.step)]
+            if self.avg.done:
+                return complete
             now = time.monotonic()
-            if arrived and first is None:
-                first = now
-            if arrived and len(arrived) == len(live) and len(arrived) >= c.quorum:
-                return arrived
-            if first is not None and now - first >= c.step_timeout and len(arrived) >= c.quorum:
-                missing = self._missing({p.worker_id for p in arrived})
+            first = self.first_arrival
+            if first is not None and now - first >= c.step_timeout and len(complete) >= c.quorum:
+                missing = self._missing({p.worker_id for p in complete})
                 logger.warning(f"step {self.step}: waited {now - first:.1f} s, still missing workers {missing}; "
-                               f"continuing with {len(arrived)}/{c.num_workers} (min_workers={c.quorum})")
-                return arrived
-            if now - start >= c.worker_timeout and len(arrived) < c.quorum:
+                               f"continuing with {len(complete)}/{c.num_workers} (min_workers={c.quorum})")
+                for b, done in enumerate(self.avg.reduced):
+                    if not done:
+                        self._reduce_and_send(b, live)
+                return complete
+            if now - start >= c.worker_timeout and len(complete) < c.quorum:
                 raise ClusterError(
-                    f"step {self.step}: only {len(arrived)} gradients (from workers "
-                    f"{sorted(p.worker_id for p in arrived)}) after {c.worker_timeout:.0f} s with "
+                    f"step {self.step}: only {len(complete)} complete gradients (from workers "
+                    f"{[p.worker_id for p in complete]}) after {c.worker_timeout:.0f} s with "
                     f"{len(self.workers)} workers connected; min_workers={c.quorum}")
             wait = min(c.worker_timeout - (now - start), c.heartbeat_s)
             if first is not None:
                 wait = min(wait, c.step_timeout - (now - first))
             self.hub.pump(wait)
 
-    def _average(self, arrived: list[Peer]) -> None:
-        """avg = sum(count_k * grad_k) / sum(count_k), in place into the server's gradient buffer."""
-        for peer in self.workers.values():
-            peer.writer.own()  # a lagging worker keeps its own copy of the previous average
-        usable = sorted((p for p in arrived if p.count), key=lambda p: p.worker_id)  # fixed order: same bits
-        avg = self.flat.wire
-        if not usable:
-            avg.zero_()
-            return
-        total = sum(p.count for p in usable)
-        torch.mul(usable[0].grad, usable[0].count, out=avg)
-        for p in usable[1:]:
-            avg.add_(p.grad, alpha=p.count)
-        avg.div_(total)
-
-    def _broadcast_average(self) -> int:
-        """Queue the average to every synced worker (late ones too); returns the bytes queued."""
-        frames = wire.frame(MsgType.AVG, memoryview(self.flat.grad_bytes), step=self.step, dtype=DType.F32)
-        peers = [p for p in self.workers.values() if p.synced]
-        for peer in peers:
+    def _reduce_and_send(self, b: int, live: list[Peer]) -> None:
+        """Average bucket `b` and queue it to every synced worker (late ones too: replicas never diverge)."""
+        t0 = time.monotonic()
+        frames = self.avg.reduce(b, [p.inbox for p in live])
+        for peer in [p for p in self.workers.values() if p.synced]:
             self.hub.send(peer, frames)
-        return len(peers) * (wire.HEADER_SIZE + len(self.flat.grad_bytes))
+            self.avg.bytes_out += sum(memoryview(f).nbytes for f in frames)
+        self.comm_s += time.monotonic() - t0
 
     def _evaluate(self) -> dict[str, float]:
         loss, acc = evaluate(self.model, self.test)
@@ -339,11 +341,10 @@ class Server:
         self.step_late = 0
         self._sync_newcomers()
         t0 = time.monotonic()
+        self.comm_s = 0.0
         arrived = self._collect()
-        t1 = time.monotonic()
-        self._average(arrived)
-        sent = self._broadcast_average()
         t2 = time.monotonic()
+        t1 = t2 - self.comm_s  # averaging and sending happen inside the wait, bucket by bucket
         optimizer_step(self.optimizer, t, self.step, self.total_steps)
         last = self.step == self.total_steps - 1
         if last or (c.checksum_steps and (self.step + 1) % c.checksum_steps == 0):
@@ -356,11 +357,11 @@ class Server:
             "train/epoch": (self.step + 1) / self.steps_per_epoch,
             "time/step_s": t3 - t0, "time/wait_s": t1 - t0, "time/communicate_s": t2 - t1,
             "time/compute_s": t3 - t2,
-            "net/bytes_in": len(arrived) * (len(self.flat.grad_bytes) + wire.HEADER_SIZE),
-            "net/bytes_out": sent,
+            "net/bytes_in": self.avg.bytes_in,
+            "net/bytes_out": self.avg.bytes_out,
             "workers/present": len(arrived), "workers/connected": len(self.workers),
             "workers/late_gradients": self.step_late,
-            "workers/rejected_gradients": sum(1 for p in arrived if not p.count),
+            "workers/rejected_gradients": sum(1 for p in arrived if not all(p.inbox.finite)),
         }
         if t.track_gradients:
             metrics.update({f"grad_norm/{k}": v for k, v in self.flat.layer_grad_norms().items()})

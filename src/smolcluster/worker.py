@@ -18,10 +18,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from loguru import logger
 
 from smolcluster import auth, data, wire
+from smolcluster.buckets import make_buckets
 from smolcluster.checkpoint import CheckpointError, decode_state
+from smolcluster.exchange import GradExchange
 from smolcluster.config import Config, ConfigError
 from smolcluster.faults import Fault
 from smolcluster.flat import FlatModel
@@ -87,6 +90,9 @@ class Worker:
         self.address = (c.server_address(host), c.port)
         self.peer = f"server {self.address[0]}:{self.address[1]}"
         self.state_limit = 4 * self.flat.nbytes + (1 << 20)
+        self.buckets = make_buckets([p.numel() for p in self.model.parameters() if p.requires_grad],
+                                    max(1, int(c.bucket_mb * 2**20) // 4))
+        self.exchange: GradExchange | None = None
         self.sock: socket.socket | None = None
         self._send_lock = threading.Lock()
         self._last_send = time.monotonic()
@@ -106,13 +112,17 @@ class Worker:
             raise WorkerError(f"TLS with the {self.peer} failed: {e}") from None
 
     def _send(self, mtype: MsgType, payload: Any = b"", **fields: Any) -> None:
+        self._send_frames(wire.frame(mtype, payload, worker=self.id, **fields))
+
+    def _send_frames(self, frames: list[bytes | memoryview]) -> None:
+        """Send whole frames under the lock (the heartbeat and gradient threads share the socket)."""
         assert self.sock is not None
         try:
             with self._send_lock:
-                wire.send_frame(self.sock, wire.frame(mtype, payload, worker=self.id, **fields))
+                wire.send_frame(self.sock, frames)
                 self._last_send = time.monotonic()
         except OSError as e:
-            raise ServerLost(f"lost the connection to the {self.peer} while sending {mtype.name}: {e}") from None
+            raise ServerLost(f"lost the connection to the {self.peer} while sending: {e}") from None
 
     def _heartbeats(self, sock: socket.socket, stop: threading.Event) -> None:
         period = self.cfg.cluster.heartbeat_s
@@ -127,8 +137,8 @@ class Worker:
                 return
 
     def _target(self, header: Header, step: int) -> memoryview:
-        if header.type == MsgType.AVG and header.step == step and header.dtype == DType.F32:
-            return memoryview(self.flat.grad_bytes)
+        if header.type == MsgType.AVG and self.exchange is not None:
+            return self.exchange.target(header)
         if header.type == MsgType.PARAMS and header.dtype == DType.F32:
             return memoryview(self.flat.param_bytes)
         if header.type == MsgType.STATE and header.length <= self.state_limit:
@@ -228,6 +238,8 @@ class Worker:
             logger.info(f"joined the {self.peer} as worker {self.id}: shard of {len(self.train)} samples, "
                         f"{total} steps; waiting for the parameters")
             beats.start()
+            self.exchange = GradExchange(self.flat, self.buckets, c.compression, c.int8_chunk, c.overlap,
+                                         self.id, self._send_frames, self.peer)
             start = self._sync()
             logger.info(f"received the parameters and optimizer state; training from step {start}")
             self._train(start, total)
@@ -244,6 +256,9 @@ class Worker:
             stop.set()
             if beats.is_alive():
                 beats.join(timeout=5.0)  # a daemon thread alive at exit can abort the interpreter
+            if self.exchange is not None:
+                self.exchange.close()
+                self.exchange = None
             self.sock.close()
 
     def _train(self, start: int, total: int) -> None:
@@ -258,12 +273,17 @@ class Worker:
             t0 = time.monotonic()
             self.flat.zero_grad()
             loss = loss_fn(self.model(self.train.x[idx]), self.train.y[idx])
-            loss.backward()
+            loss = self._inject(step, loss)
             self.flat.loss = loss.item()
-            self._inject(step)
+            assert self.exchange is not None
+            self.exchange.begin(step, len(idx))
+            loss.backward()
+            self.exchange.finish_backward()
             t1 = time.monotonic()
-            self._send(MsgType.GRAD, memoryview(self.flat.grad_bytes), step=step, count=len(idx), dtype=DType.F32)
-            self._expect(MsgType.AVG, step, c.worker_timeout)
+            while True:
+                header, _ = self._expect(MsgType.AVG, step, c.worker_timeout)
+                if self.exchange.land(header):
+                    break
             t2 = time.monotonic()
             optimizer_step(self.optimizer, t, step, total)
             if step == total - 1 or (c.checksum_steps and (step + 1) % c.checksum_steps == 0):
@@ -276,10 +296,11 @@ class Worker:
             bar.update(1, loss=f"{self.flat.loss:.4f}")
         bar.close()
 
-    def _inject(self, step: int) -> None:
+    def _inject(self, step: int, loss: torch.Tensor) -> torch.Tensor:
+        """Apply this step's injected fault, after forward and before anything of the step is sent."""
         fault = self.faults.pop(step, None)  # once: a rejoined worker does not repeat it
         if fault is None:
-            return
+            return loss
         logger.warning(f"step {step}: injecting fault {fault.kind}{f' {fault.arg:g}' if fault.arg else ''}")
         assert self.sock is not None
         if fault.kind == "sleep":
@@ -291,8 +312,9 @@ class Worker:
         elif fault.kind == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
         elif fault.kind == "disconnect":
-            frames = wire.frame(MsgType.GRAD, memoryview(self.flat.grad_bytes), step=step, worker=self.id,
-                                count=1, dtype=DType.F32)
+            last = self.buckets[-1]
+            frames = wire.frame(MsgType.GRAD, memoryview(self.flat.grad_bytes)[4 * last.lo : 4 * last.hi], step=step,
+                                worker=self.id, count=1, offset=last.lo, dtype=DType.F32)
             with self._send_lock:
                 wire.send_frame(self.sock, [frames[0], frames[1][: len(frames[1]) // 2]])
             self.sock.close()
@@ -301,4 +323,5 @@ class Worker:
             with self._send_lock:
                 self.sock.sendall(random.Random(step).randbytes(256))
         elif fault.kind == "nan":
-            self.flat.grads[0] = float("nan")
+            return loss * float("nan")  # every gradient of the step becomes NaN
+        return loss

@@ -1,0 +1,133 @@
+"""The server's averaging, bucket by bucket: receive into preallocated inboxes, reduce, encode.
+
+Each worker has an inbox: one preallocated buffer holding every bucket's payload as it arrives
+(for fp32 it *is* the float32 gradient, received with recv_into and never copied). A bucket is
+reduced as soon as every live worker delivered it — the weighted mean by sample count, written
+in place into the server's own gradient buffer — and encoded once for all workers (the same
+bytes go to each). With a lossy codec the server applies exactly what the workers will decode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from smolcluster import wire
+from smolcluster.buckets import Bucket
+from smolcluster.compress import Codec, Encoder, Fp32, make_codec
+from smolcluster.flat import FlatModel
+from smolcluster.wire import Header, ProtocolError
+
+
+@dataclass(eq=False)
+class Inbox:
+    """One worker's gradient payloads for the current step."""
+
+    buffer: bytearray
+    views: list[memoryview]
+    floats: list[torch.Tensor | None]
+    """fp32 buckets as float32 views of `views` (None for encoded buckets)."""
+    got: list[int] = field(default_factory=list)
+    """Step of the last complete payload per bucket."""
+    finite: list[bool] = field(default_factory=list)
+    count: int = 0
+    """Samples behind this step's gradient."""
+    late_step: int = -1
+    bad_step: int = -1
+
+    def has(self, bucket: int, step: int) -> bool:
+        return self.got[bucket] == step
+
+    def complete(self, step: int) -> bool:
+        return all(g == step for g in self.got)
+
+
+class Averager:
+    def __init__(self, flat: FlatModel, buckets: list[Bucket], compression: str, chunk: int) -> None:
+        self.flat, self.buckets = flat, buckets
+        codec = make_codec(compression, chunk)
+        self.codecs: list[Codec] = [Fp32() if b.index == 0 else codec for b in buckets]  # the loss stays exact
+        self.nbytes = [c.payload_nbytes(b.numel) for c, b in zip(self.codecs, buckets)]
+        self.encoders = [Encoder(c, b.numel) for c, b in zip(self.codecs, buckets)]
+        self.by_offset = {b.lo: b for b in buckets}
+        self.step = -1
+        self.reduced = [True] * len(buckets)
+        self.bytes_in = self.bytes_out = 0
+
+    def inbox(self) -> Inbox:
+        buffer = bytearray(sum(self.nbytes))
+        views, floats, at = [], [], 0
+        for codec, n in zip(self.codecs, self.nbytes):
+            view = memoryview(buffer)[at : at + n]
+            views.append(view)
+            floats.append(torch.frombuffer(view, dtype=torch.float32) if isinstance(codec, Fp32) and n else None)
+            at += n
+        k = len(self.buckets)
+        return Inbox(buffer, views, floats, got=[-1] * k, finite=[True] * k)
+
+    def begin(self, step: int) -> None:
+        self.step = step
+        self.reduced = [False] * len(self.buckets)
+        self.bytes_in = self.bytes_out = 0
+
+    @property
+    def done(self) -> bool:
+        return all(self.reduced)
+
+    def target(self, inbox: Inbox, header: Header, peer: str) -> memoryview:
+        """Where a GRAD frame's payload goes, after checking it against the bucket it claims."""
+        bucket = self.by_offset.get(header.offset)
+        if bucket is None:
+            raise ProtocolError(f"{peer}: gradient at element {header.offset}, which starts no bucket")
+        codec, want = self.codecs[bucket.index], self.nbytes[bucket.index]
+        if header.dtype != codec.dtype or header.length != want:
+            raise ProtocolError(f"{peer}: bucket {bucket.index} as {header.dtype.name} of {header.length} bytes, "
+                                f"expected {codec.dtype.name} of {want} (cluster.compression={codec.name if bucket.index else 'fp32'})")
+        if header.step == self.step and inbox.has(bucket.index, self.step):
+            raise ProtocolError(f"{peer}: bucket {bucket.index} of step {self.step} twice")
+        if header.step != self.step or self.reduced[bucket.index]:
+            return wire.SKIP  # late: read and drop
+        return inbox.views[bucket.index]
+
+    def receive(self, inbox: Inbox, header: Header) -> str:
+        """Record a complete payload: "ok", "late" (its step or bucket is gone) or "nonfinite"."""
+        bucket = self.by_offset[header.offset]
+        b = bucket.index
+        if header.step != self.step or self.reduced[b]:
+            return "late"
+        inbox.got[b], inbox.count = self.step, header.count
+        inbox.finite[b] = self.codecs[b].finite(inbox.views[b], bucket.numel)
+        self.bytes_in += wire.HEADER_SIZE + header.length
+        return "ok" if inbox.finite[b] else "nonfinite"
+
+    def ready(self, inboxes: list[Inbox]) -> list[int]:
+        """Buckets not yet reduced that every one of `inboxes` delivered."""
+        return [b for b, done in enumerate(self.reduced)
+                if not done and inboxes and all(i.has(b, self.step) for i in inboxes)]
+
+    def reduce(self, b: int, inboxes: list[Inbox]) -> list[bytes | memoryview]:
+        """Average bucket `b` over `inboxes` (those that delivered it, finite) into the server's buffer;
+        returns the AVG frame for every worker. `inboxes` must be in a fixed (worker id) order."""
+        bucket, codec = self.buckets[b], self.codecs[b]
+        acc = self.flat.wire[bucket.lo : bucket.hi]
+        usable = [i for i in inboxes if i.has(b, self.step) and i.finite[b] and i.count]
+        total = sum(i.count for i in usable)
+        if not usable:
+            acc.zero_()
+        elif isinstance(codec, Fp32):
+            first = usable[0].floats[b]
+            torch.mul(first, usable[0].count, out=acc)
+            for i in usable[1:]:
+                acc.add_(i.floats[b], alpha=i.count)
+            acc.div_(total)
+        else:
+            acc.zero_()
+            for i in usable:
+                codec.accumulate(i.views[b], acc, i.count / total)
+        payload = self.encoders[b].encode(acc)
+        if codec.lossy:
+            codec.decode(payload, acc)  # apply exactly what the workers will
+        self.reduced[b] = True
+        frames = wire.frame(wire.MsgType.AVG, payload, step=self.step, offset=bucket.lo, dtype=codec.dtype)
+        return frames
