@@ -114,3 +114,41 @@ def test_a_worker_sleeping_past_the_deadline_is_averaged_without(tmp_path):
     for k in (1, 2):
         worker = cluster.worker_params(k)
         assert all(torch.equal(worker[key], server[key]) for key in server), f"worker {k} diverged"
+
+
+MLP = ["--set", "model.type=MLP", "--set", "model.hidden=[128, 64, 32]"]
+
+
+def test_overlap_and_bucketing_change_no_bit(tmp_path):
+    """Element-wise averaging: any bucketing, sent during or after backward, gives the same bits."""
+    runs = {
+        "overlap, small buckets": ["--set", "cluster.overlap=true", "--set", "cluster.bucket_mb=0.01"],
+        "plain, one bucket": ["--set", "cluster.overlap=false", "--set", "cluster.bucket_mb=64"],
+    }
+    params = {}
+    for name, extra in runs.items():
+        cluster = Cluster(tmp_path / name.replace(" ", "_").replace(",", ""), workers=2, args=[*SGD, *MLP, *extra])
+        codes = cluster.start().wait(timeout=150)
+        assert all(code == 0 for code in codes.values()), cluster.logs()
+        cluster_params = cluster.server_params()
+        for k in (1, 2):
+            worker = cluster.worker_params(k)
+            assert all(torch.equal(worker[key], cluster_params[key]) for key in cluster_params)
+        params[name] = cluster_params
+    a, b = params.values()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"bucketing changed {key}"
+
+
+@pytest.mark.parametrize("compression", ["bf16", "int8"])
+def test_compressed_runs_keep_replicas_identical_and_learn(tmp_path, compression):
+    args = [*MLP, "--set", f"cluster.compression={compression}", "--set", "cluster.bucket_mb=0.05"]
+    cluster = Cluster(tmp_path, workers=2, args=args).start()
+    codes = cluster.wait(timeout=150)
+    assert all(code == 0 for code in codes.values()), cluster.logs()
+    server = cluster.server_params()
+    for k in (1, 2):
+        worker = cluster.worker_params(k)
+        assert all(torch.equal(worker[key], server[key]) for key in server), f"worker {k} drifted"
+    summary = json.loads((cluster.out / "summary.json").read_text())
+    assert summary["replica_mismatches"] == 0 and summary["test_accuracy"] > 90.0, summary["test_accuracy"]
