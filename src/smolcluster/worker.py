@@ -180,7 +180,11 @@ class Worker:
     def _handshake(self) -> dict[str, Any]:
         """Prove the token (if any), present our config, and check the server proves it too."""
         timeout = self.cfg.cluster.handshake_timeout
-        challenge = self._json(MsgType.CHALLENGE, timeout)
+        try:
+            challenge = self._json(MsgType.CHALLENGE, timeout)
+        except ServerLost as e:
+            hint = "" if self.cfg.cluster.tls_ca else " (if the server uses TLS, set cluster.tls_ca)"
+            raise WorkerError(f"no handshake from the {self.peer}: {e}{hint}") from None
         server_nonce, my_nonce = str(challenge.get("nonce", "")), auth.nonce()
         if challenge.get("auth") and self.token is None:
             raise WorkerError(f"the {self.peer} requires a cluster token: set ${auth.TOKEN_ENV} or cluster.token_file")
