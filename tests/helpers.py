@@ -119,9 +119,7 @@ class Cluster:
     def assert_replicas_equal(self, workers: list[int]) -> None:
         server = self.server_params()
         for k in workers:
-            worker = self.worker_params(k)
-            for key in server:
-                assert torch.equal(worker[key], server[key]), f"worker {k} differs from the server in {key}"
+            assert_same_params(self.worker_params(k), server, f"worker {k} vs the server")
 
     def kill(self) -> None:
         for proc in self.procs.values():
@@ -137,6 +135,13 @@ class Cluster:
 
     def worker_params(self, k: int) -> dict[str, torch.Tensor]:
         return load_file(str(self.tmp / f"worker-{k}.safetensors"))
+
+
+def assert_same_params(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: str) -> None:
+    """Bit-identical, tensor by tensor."""
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{what}: {key} differs"
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.05) -> None:

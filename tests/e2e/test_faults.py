@@ -14,9 +14,8 @@ import socket
 import struct
 
 import pytest
-import torch
 
-from helpers import Cluster, wait_for
+from helpers import Cluster, assert_same_params, wait_for
 from smolcluster import auth, wire
 from smolcluster.wire import DType, MsgType
 
@@ -103,9 +102,7 @@ def test_server_killed_and_resumed_ends_like_an_uninterrupted_run(tmp_path):
     finished(resumed, ["server again", "worker 1", "worker 2"])
     assert "resuming from" in resumed.procs["server again"].output
     assert "at step 40/96" in resumed.procs["server again"].output
-    a, b = straight.server_params(), resumed.server_params()
-    for key in a:
-        assert torch.equal(a[key], b[key]), f"resumed run differs in {key}"
+    assert_same_params(straight.server_params(), resumed.server_params(), "resumed vs uninterrupted run")
     resumed.assert_replicas_equal([1, 2])
 
 
@@ -209,9 +206,7 @@ def test_hostile_peers_never_disturb_training(tmp_path):
     log = cluster.procs["server"].output
     assert log.count("refused 127.0.0.1:") >= 3  # two tokens + the duplicate id
     assert "no valid handshake within 2 s" in log
-    a, b = reference.server_params(), cluster.server_params()
-    for key in a:
-        assert torch.equal(a[key], b[key]), f"the attacks changed {key}"
+    assert_same_params(reference.server_params(), cluster.server_params(), "attacked vs clean run")
     cluster.assert_replicas_equal([1, 2])
 
 

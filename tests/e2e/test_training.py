@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-from helpers import Cluster
+from helpers import Cluster, assert_same_params
 from smolcluster import data
 from smolcluster.config import load_config
 from smolcluster.models import build_model
@@ -83,21 +83,15 @@ def test_parity_with_one_process_at_n_times_the_batch(runs, name):
 @pytest.mark.parametrize("name", list(CASES))
 def test_every_worker_ends_identical_to_the_server(runs, name):
     cluster = runs[name]
-    server = cluster.server_params()
-    for k in range(1, cluster.workers + 1):
-        worker = cluster.worker_params(k)
-        assert worker.keys() == server.keys()
-        for key in server:
-            assert torch.equal(worker[key], server[key]), f"worker {k} differs from the server in {key}"
+    cluster.assert_replicas_equal(list(range(1, cluster.workers + 1)))
     summary = json.loads((cluster.out / "summary.json").read_text())
     assert summary["replica_mismatches"] == 0
     assert summary["replicas_verified"] == list(range(1, cluster.workers + 1))
 
 
 def test_two_runs_of_one_config_are_bit_identical(runs):
-    a, b = runs["sgd-momentum-2"].server_params(), runs["sgd-momentum-2-again"].server_params()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    assert_same_params(runs["sgd-momentum-2"].server_params(), runs["sgd-momentum-2-again"].server_params(),
+                       "two runs of one config")
 
 
 def test_a_worker_sleeping_past_the_deadline_is_averaged_without(tmp_path):
@@ -110,10 +104,7 @@ def test_a_worker_sleeping_past_the_deadline_is_averaged_without(tmp_path):
     summary = json.loads((cluster.out / "summary.json").read_text())
     assert summary["late_gradients"] >= 1
     assert "dropped late gradient of step 3 from worker 2" in server_log
-    server = cluster.server_params()
-    for k in (1, 2):
-        worker = cluster.worker_params(k)
-        assert all(torch.equal(worker[key], server[key]) for key in server), f"worker {k} diverged"
+    cluster.assert_replicas_equal([1, 2])
 
 
 MLP = ["--set", "model.type=MLP", "--set", "model.hidden=[128, 64, 32]"]
@@ -130,14 +121,9 @@ def test_overlap_and_bucketing_change_no_bit(tmp_path):
         cluster = Cluster(tmp_path / name.replace(" ", "_").replace(",", ""), workers=2, args=[*SGD, *MLP, *extra])
         codes = cluster.start().wait(timeout=150)
         assert all(code == 0 for code in codes.values()), cluster.logs()
-        cluster_params = cluster.server_params()
-        for k in (1, 2):
-            worker = cluster.worker_params(k)
-            assert all(torch.equal(worker[key], cluster_params[key]) for key in cluster_params)
-        params[name] = cluster_params
-    a, b = params.values()
-    for key in a:
-        assert torch.equal(a[key], b[key]), f"bucketing changed {key}"
+        cluster.assert_replicas_equal([1, 2])
+        params[name] = cluster.server_params()
+    assert_same_params(*params.values(), "overlapped small buckets vs one plain bucket")
 
 
 @pytest.mark.parametrize("compression", ["bf16", "int8"])
@@ -146,9 +132,6 @@ def test_compressed_runs_keep_replicas_identical_and_learn(tmp_path, compression
     cluster = Cluster(tmp_path, workers=2, args=args).start()
     codes = cluster.wait(timeout=150)
     assert all(code == 0 for code in codes.values()), cluster.logs()
-    server = cluster.server_params()
-    for k in (1, 2):
-        worker = cluster.worker_params(k)
-        assert all(torch.equal(worker[key], server[key]) for key in server), f"worker {k} drifted"
+    cluster.assert_replicas_equal([1, 2])
     summary = json.loads((cluster.out / "summary.json").read_text())
     assert summary["replica_mismatches"] == 0 and summary["test_accuracy"] > 90.0, summary["test_accuracy"]

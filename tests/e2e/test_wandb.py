@@ -8,9 +8,8 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
-from helpers import Cluster
+from helpers import Cluster, assert_same_params
 from smolcluster.config import ModelConfig
 from smolcluster.models import build_model
 from wandb_log import offline_runs
@@ -93,10 +92,6 @@ def test_disabled_writes_nothing_and_trains_bit_identically(runs):
     offline, disabled = runs["offline"], runs["disabled"]
     assert not (disabled.out / "wandb").exists()
     assert "W&B" not in disabled.procs["server"].output
-    a, b = offline.server_params(), disabled.server_params()
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), f"W&B changed the server's {key}"
+    assert_same_params(offline.server_params(), disabled.server_params(), "W&B offline vs disabled (server)")
     for k in (1, 2):
-        wa, wb = offline.worker_params(k), disabled.worker_params(k)
-        assert all(torch.equal(wa[key], wb[key]) for key in wa), f"W&B changed worker {k}'s parameters"
+        assert_same_params(offline.worker_params(k), disabled.worker_params(k), f"W&B offline vs disabled (worker {k})")
