@@ -28,6 +28,12 @@ def test_unknown_key_names_file_and_key(tmp_path):
         load_config(None, nn)
 
 
+def test_unknown_section_names_the_file(tmp_path):
+    nn = write(tmp_path, "nn.yaml", "cluster:\n  port: 1\n")  # the cluster has its own file
+    with pytest.raises(ConfigError, match=r"nn\.yaml: cluster: unknown section; known sections are training, model"):
+        load_config(None, nn)
+
+
 def test_wrong_type_names_the_key_and_the_value(tmp_path):
     cluster = write(tmp_path, "c.yaml", "step_timeout: fast\n")
     with pytest.raises(ConfigError, match=r"c\.yaml: step_timeout: expected a number, got 'fast'"):
@@ -45,7 +51,7 @@ def test_wrong_type_names_the_key_and_the_value(tmp_path):
         ("model.type=ResNet", "unknown model 'ResNet'"),
         ("model.hidden=[128, -1]", "hidden: expected positive sizes"),
         ("training.nope=1", "training.nope: unknown key"),
-        ("nope.x=1", "nope: unknown section"),
+        ("nope.x=1", r"--set nope\.x: unknown section 'nope'; known sections are cluster, training"),
         ("training.batch_size", "expected KEY=VALUE"),
     ],
 )

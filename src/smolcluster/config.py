@@ -258,6 +258,9 @@ FINGERPRINT_TRAINING = (
     "num_epochs", "max_steps",
 )
 
+NN_SECTIONS = ("training", "model", "dataset", "wandb")
+"""The sections of nn_config.yaml; the cluster file's keys are the `cluster` section."""
+
 # Keys of upstream's files that moved; their values are carried over with a warning.
 LEGACY_CLUSTER = {"timeout": "step_timeout"}
 LEGACY_NN = {k: "training" for k in ("batch_size", "learning_rate", "num_epochs", "eval_steps", "track_gradients")}
@@ -412,7 +415,10 @@ def load_config(
     nn_raw = _read_yaml(npath)
     _migrate(cluster_raw, LEGACY_CLUSTER, cpath, nest=False)
     _migrate(nn_raw, LEGACY_NN, npath, nest=True)
-    sections = {"cluster": cluster_raw, **{k: v for k, v in nn_raw.items()}}
+    for key in nn_raw:
+        if key not in NN_SECTIONS:  # `cluster` too: it lives in its own file
+            raise ConfigError(f"{npath}: {key}: unknown section; known sections are {', '.join(NN_SECTIONS)}")
+    sections = {"cluster": cluster_raw, **nn_raw}
     for text in overrides:
         keys, value = parse_override(text)
         node = sections
@@ -422,12 +428,11 @@ def load_config(
                 raise ConfigError(f"--set {text}: {k} is not a section")
             node = child
         node[keys[-1]] = value
-    for key in list(sections):
-        if key not in ("cluster", "training", "model", "dataset", "wandb"):
-            raise ConfigError(
-                f"{npath}: {key}: unknown section; known sections are training, model, dataset, wandb"
-            )
     set_keys = {".".join(parse_override(t)[0]) for t in overrides}
+    for key in list(sections):
+        if key not in ("cluster", *NN_SECTIONS):  # the files were checked: it came from a --set
+            given = next(k for k in sorted(set_keys) if k.split(".")[0] == key)
+            raise ConfigError(f"--set {given}: unknown section {key!r}; known sections are cluster, {', '.join(NN_SECTIONS)}")
 
     def located(error: ConfigError, path: Path, prefix: str) -> ConfigError:
         key = prefix + str(error).split(":", 1)[0].split("[", 1)[0]
