@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -96,3 +97,52 @@ def test_fingerprint_diff_says_what_differs():
     b = load_config(None, None, ["training.learning_rate=0.01"]).fingerprint()
     assert diff_fingerprints(a, b) == ["training.learning_rate: server has 0.003, worker has 0.01"]
     assert diff_fingerprints(a, a) == []
+
+
+# --- the README's table of keys ---------------------------------------------------------------
+
+
+def config_table():
+    import importlib.util
+
+    from smolcluster.config import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("config_table", REPO_ROOT / "scripts" / "config_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_shipped_files_say_the_defaults_of_the_code():
+    from smolcluster.config import Config
+
+    assert load_config().to_dict() == Config().to_dict()
+
+
+def test_readme_lists_every_key_with_its_default_and_meaning():
+    table = config_table()
+    readme = table.README.read_text()
+    assert table.readme_with_table(readme) == readme, "run: uv run python scripts/config_table.py --write"
+    keys = [row[0] for row in table.rows()]
+    assert "cluster.step_timeout" in keys and "training.learning_rate" in keys and "wandb.mode" in keys
+    assert all(meaning for *_, meaning in table.rows()), "every key needs a docstring in config.py"
+
+
+@dataclasses.dataclass
+class _Host:
+    user: str | None = None
+
+
+@dataclasses.dataclass
+class _Section:
+    hosts: dict[str, _Host] = dataclasses.field(default_factory=dict)
+    mode: str = "a"
+
+
+def test_config_table_expands_maps_of_sections():
+    docs = {("_Section", "hosts"): "per host", ("_Host", "user"): "login", ("_Section", "mode"): "a | b"}
+    assert config_table().rows(_Section, "x.", docs) == [
+        ("x.hosts", "`{}`", "map of sections", "per host"),
+        ("x.hosts.<name>.user", "`null`", "text or null", "login"),
+        ("x.mode", "`a`", "text", "a \\| b"),
+    ]

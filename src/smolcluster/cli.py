@@ -86,12 +86,23 @@ def parser() -> argparse.ArgumentParser:
                    help="inject a fault (testing): sleep:S, exit, kill, disconnect, garbage, nan")
     w.add_argument("--save-params", metavar="FILE", help="also save this worker's final parameters (safetensors)")
     _config_args(w)
-    r = sub.add_parser("run", help="run a server and N workers on this machine (the default job)", epilog=EPILOG)
+    r = sub.add_parser("run", help="run a server and N workers on this machine (the default job)",
+                       description=RUN_DOC, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     _config_args(r)
     e = sub.add_parser("eval", help="evaluate a saved model.safetensors on the test set", epilog=EPILOG)
     e.add_argument("model_path", metavar="MODEL", help="path to model.safetensors")
     _config_args(e)
     return p
+
+
+RUN_DOC = """\
+Start a server and N workers on this machine (on a free port of 127.0.0.1, with a token of their
+own), show their progress, copy their logs to OUT/logs/, and print the test accuracy on stdout.
+The model and summary.json go to OUT (training.out_dir, default runs/latest).
+
+exit status: 0 done; 1 a process failed (run names it and stops the rest); 2 config error;
+130 Ctrl-C, 143 SIGTERM, 129 SIGHUP (every process is stopped first).
+"""
 
 
 def main(argv: list[str] | None = None) -> int:
