@@ -140,11 +140,8 @@ def stop_all(children: list[Child]) -> None:
     deadline = time.monotonic() + STOP_GRACE_S
     try:
         for child in children:
-            try:
-                child.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                break
-    except KeyboardInterrupt:
+            child.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+    except (subprocess.TimeoutExpired, KeyboardInterrupt):  # grace is over, or a second Ctrl-C
         pass
     for child in children:
         if child.proc.poll() is None:
@@ -190,7 +187,7 @@ def run_local(cfg: Config, config_args: list[str], port: int | None = None) -> i
                                   out / "logs" / f"worker-{k}.log", k))
         return _supervise(children, out)
     except KeyboardInterrupt as e:
-        signum = e.signum if isinstance(e, Stopped) else signal.SIGINT
+        signum = getattr(e, "signum", signal.SIGINT)
         logger.warning(f"{signal.Signals(signum).name}: stopping the server and every worker")
         return 128 + signum
     finally:
