@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,12 @@ def test_unknown_key_names_file_and_key(tmp_path):
         load_config(None, nn)
 
 
+def test_unknown_section_names_the_file(tmp_path):
+    nn = write(tmp_path, "nn.yaml", "cluster:\n  port: 1\n")  # the cluster has its own file
+    with pytest.raises(ConfigError, match=r"nn\.yaml: cluster: unknown section; known sections are training, model"):
+        load_config(None, nn)
+
+
 def test_wrong_type_names_the_key_and_the_value(tmp_path):
     cluster = write(tmp_path, "c.yaml", "step_timeout: fast\n")
     with pytest.raises(ConfigError, match=r"c\.yaml: step_timeout: expected a number, got 'fast'"):
@@ -45,7 +52,7 @@ def test_wrong_type_names_the_key_and_the_value(tmp_path):
         ("model.type=ResNet", "unknown model 'ResNet'"),
         ("model.hidden=[128, -1]", "hidden: expected positive sizes"),
         ("training.nope=1", "training.nope: unknown key"),
-        ("nope.x=1", "nope: unknown section"),
+        ("nope.x=1", r"--set nope\.x: unknown section 'nope'; known sections are cluster, training"),
         ("training.batch_size", "expected KEY=VALUE"),
     ],
 )
@@ -176,3 +183,50 @@ def test_hosts_command_names_the_file_when_workers_are_missing(tmp_path, capsys)
     path = write(tmp_path, "c.yaml", "server: mini1\n")
     assert main(["hosts", "--cluster-config", str(path)]) == 2
     assert f"{path}: workers: launch.sh needs" in capsys.readouterr().err
+# --- the README's table of keys ---------------------------------------------------------------
+
+
+def config_table():
+    import importlib.util
+
+    from smolcluster.config import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("config_table", REPO_ROOT / "scripts" / "config_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_shipped_files_say_the_defaults_of_the_code():
+    from smolcluster.config import Config
+
+    assert load_config().to_dict() == Config().to_dict()
+
+
+def test_readme_lists_every_key_with_its_default_and_meaning():
+    table = config_table()
+    readme = table.README.read_text()
+    assert table.readme_with_table(readme) == readme, "run: uv run python scripts/config_table.py --write"
+    keys = [row[0] for row in table.rows()]
+    assert "cluster.step_timeout" in keys and "training.learning_rate" in keys and "wandb.mode" in keys
+    assert all(meaning for *_, meaning in table.rows()), "every key needs a docstring in config.py"
+
+
+@dataclasses.dataclass
+class _Host:
+    user: str | None = None
+
+
+@dataclasses.dataclass
+class _Section:
+    hosts: dict[str, _Host] = dataclasses.field(default_factory=dict)
+    mode: str = "a"
+
+
+def test_config_table_expands_maps_of_sections():
+    docs = {("_Section", "hosts"): "per host", ("_Host", "user"): "login", ("_Section", "mode"): "a | b"}
+    assert config_table().rows(_Section, "x.", docs) == [
+        ("x.hosts", "`{}`", "map of sections", "per host"),
+        ("x.hosts.<name>.user", "`null`", "text or null", "login"),
+        ("x.mode", "`a`", "text", "a \\| b"),
+    ]

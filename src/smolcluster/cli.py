@@ -30,6 +30,11 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
+SHORTCUTS = (("workers", "cluster.num_workers"), ("epochs", "training.num_epochs"), ("seed", "cluster.seed"),
+             ("out", "training.out_dir"))
+"""Flags that stand for one key each: `--workers N` is `--set cluster.num_workers=N`."""
+
+
 def _shortcut_overrides(args: argparse.Namespace) -> list[str]:
     """Shortcuts first, so an explicit --set always wins."""
     from smolcluster.models import PRESETS
@@ -40,8 +45,7 @@ def _shortcut_overrides(args: argparse.Namespace) -> list[str]:
             raise ConfigError(f"--model {args.model}: choose one of {', '.join(PRESETS)}")
         out.append(f"model.type={args.model}")
         out += [f"model.{k}={json.dumps(v)}" for k, v in PRESETS[args.model].items()]
-    for flag, key in (("workers", "cluster.num_workers"), ("epochs", "training.num_epochs"),
-                      ("seed", "cluster.seed"), ("out", "training.out_dir")):
+    for flag, key in SHORTCUTS:
         value = getattr(args, flag)
         if value is not None:
             out.append(f"{key}={json.dumps(value) if isinstance(value, str) else value}")
@@ -51,7 +55,14 @@ def _shortcut_overrides(args: argparse.Namespace) -> list[str]:
 def _load(args: argparse.Namespace) -> tuple[Config, list[str]]:
     """The validated config, and the flags that reproduce it in a child process."""
     overrides = _shortcut_overrides(args)
-    cfg = load_config(args.cluster_config, args.nn_config, overrides)
+    try:
+        cfg = load_config(args.cluster_config, args.nn_config, overrides)
+    except ConfigError as e:  # name the flag the user typed, not the --set it stands for
+        message = str(e)
+        for flag, key in SHORTCUTS:
+            if getattr(args, flag) is not None and message.startswith(f"--set {key}:"):
+                message = f"--{flag} ({key}){message[len(f'--set {key}'):]}"
+        raise ConfigError(message) from None
     passthrough = [*(["--cluster-config", args.cluster_config] if args.cluster_config else []),
                    *(["--nn-config", args.nn_config] if args.nn_config else []),
                    "--log-level", args.log_level]
@@ -76,7 +87,8 @@ def parser() -> argparse.ArgumentParser:
                    help="inject a fault (testing): sleep:S, exit, kill, disconnect, garbage, nan")
     w.add_argument("--save-params", metavar="FILE", help="also save this worker's final parameters (safetensors)")
     _config_args(w)
-    r = sub.add_parser("run", help="run a server and N workers on this machine (the default job)", epilog=EPILOG)
+    r = sub.add_parser("run", help="run a server and N workers on this machine (the default job)",
+                       description=RUN_DOC, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     _config_args(r)
     e = sub.add_parser("eval", help="evaluate a saved model.safetensors on the test set", epilog=EPILOG)
     e.add_argument("model_path", metavar="MODEL", help="path to model.safetensors")
@@ -100,6 +112,16 @@ never parses YAML itself.
 """
 
 
+RUN_DOC = """\
+Start a server and N workers on this machine (on a free port of 127.0.0.1, with a token of their
+own), show their progress, copy their logs to OUT/logs/, and print the test accuracy on stdout.
+The model and summary.json go to OUT (training.out_dir, default runs/latest).
+
+exit status: 0 done; 1 a process failed (run names it and stops the rest); 2 config error;
+130 Ctrl-C, 143 SIGTERM, 129 SIGHUP (every process is stopped first).
+"""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     role = {"worker": f"worker {getattr(args, 'id', '')}"}.get(args.command, args.command)
@@ -110,20 +132,26 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         logger.error(f"config error: {e}")
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         logger.warning("interrupted")
-        return 130
+        return 128 + getattr(e, "signum", 2)  # 130 for Ctrl-C, 143 for SIGTERM (runner.Stopped)
     except Exception as e:  # a clear one-line reason, then the details for a bug report
-        from smolcluster.auth import AuthError
-        from smolcluster.checkpoint import CheckpointError
-        from smolcluster.data import DataError
-        from smolcluster.server import ClusterError
-        from smolcluster.worker import WorkerError
-
-        if isinstance(e, (ClusterError, WorkerError, DataError, AuthError, CheckpointError, OSError)):
+        if isinstance(e, (OSError, *_expected_errors())):
             logger.error(str(e))
             return 1
         raise
+
+
+EXPECTED_ERRORS = {"smolcluster.auth": "AuthError", "smolcluster.checkpoint": "CheckpointError",
+                   "smolcluster.data": "DataError", "smolcluster.server": "ClusterError",
+                   "smolcluster.worker": "WorkerError"}
+"""Errors whose message is the whole story (no traceback), by the module that defines each."""
+
+
+def _expected_errors() -> tuple[type[Exception], ...]:
+    # Only a module already imported can have raised its error; importing the others here would
+    # load torch just to print a one-line message.
+    return tuple(getattr(sys.modules[m], name) for m, name in EXPECTED_ERRORS.items() if m in sys.modules)
 
 
 def _server(args: argparse.Namespace, cfg: Config, _: list[str]) -> int:
@@ -158,7 +186,9 @@ def _worker(args: argparse.Namespace, cfg: Config, _: list[str]) -> int:
 def _run(args: argparse.Namespace, cfg: Config, passthrough: list[str]) -> int:
     from smolcluster.runner import run_local
 
-    code = run_local(cfg, passthrough)
+    # The port is this local cluster's own business: a free one, unless asked for by --set.
+    explicit = any(o.partition("=")[0].strip() == "cluster.port" for o in args.overrides)
+    code = run_local(cfg, passthrough, port=cfg.cluster.port if explicit else None)
     summary_path = Path(cfg.training.out_dir) / "summary.json"
     if code == 0 and summary_path.exists():
         summary = json.loads(summary_path.read_text())

@@ -93,6 +93,7 @@ class ClusterConfig:
     bind: str | None = None
     """Address the server listens on; default: `host_ip` when it is one address, else 0.0.0.0."""
     port: int = 65432
+    """TCP port the server listens on and workers dial (`smolcluster run` picks a free one)."""
     num_workers: int = 2
     """Workers the server waits for before step 0; ids are 1..num_workers."""
     min_workers: int | None = 1
@@ -107,6 +108,7 @@ class ClusterConfig:
     connect_timeout: float = 120.0
     """Seconds a worker keeps retrying to reach the server before it gives up."""
     seed: int = 42
+    """Initial weights, the data partition and every shuffle derive from it."""
     checksum_steps: int = 100
     """Every this many steps each worker sends a checksum of its parameters (0: never)."""
     heartbeat_s: float = 2.0
@@ -126,6 +128,7 @@ class ClusterConfig:
     checkpoint_steps: int = 500
     """The server checkpoints every this many steps into out_dir/checkpoints (0: never)."""
     keep_checkpoints: int = 2
+    """How many of the newest checkpoints to keep."""
     compression: Literal["fp32", "bf16", "fp16", "int8"] = "fp32"
     """Gradients on the wire: fp32 (exact), bf16/fp16 (half the bytes), int8 (a quarter); the lossy
     ones carry their rounding error over to the next step (error feedback), so nothing is lost."""
@@ -220,18 +223,22 @@ class TrainingConfig:
     warmup_steps: int = 0
     """Linear warm-up from 0 over this many steps."""
     optimizer: Literal["sgd", "adam", "adamw"] = "adam"
+    """The optimizer every replica (workers and server) steps with the averaged gradient."""
     momentum: float = 0.0
     """SGD momentum (sgd only)."""
     weight_decay: float = 0.0
+    """L2 penalty (sgd, adam) or decoupled weight decay (adamw)."""
     num_epochs: int = 2
+    """Passes over the training set (each worker over its own shard)."""
     eval_steps: int = 200
     """The server evaluates on the test set every this many steps (0: only at the end)."""
     track_gradients: bool = False
     """Log every layer's gradient norm to W&B."""
     threads: int = 0
-    """torch threads per process (0: torch's default)."""
+    """torch threads per process (0: torch's default; `run` gives each process cores / num_workers)."""
     out_dir: str = "runs/latest"
-    """Where the server writes model.safetensors and summary.json."""
+    """Where the server writes model.safetensors, summary.json and checkpoints/ (`run` adds logs/);
+    relative to the current directory."""
     max_steps: int = 0
     """Stop after this many steps (0: run all epochs); for quick tries."""
 
@@ -249,9 +256,11 @@ class ModelConfig:
     type: str = "SimpleNN"
     """SimpleNN (input-hidden-out), MLP (any list of hidden sizes) or CNN."""
     input_dim: int = 784
+    """Inputs per sample (28 x 28 MNIST pixels); SimpleNN and MLP only."""
     hidden: int | list[int] = 128
     """Hidden width (SimpleNN, CNN) or list of widths (MLP)."""
     out: int = 10
+    """Classes."""
     channels: list[int] = field(default_factory=lambda: [16, 32])
     """CNN only: output channels of each 3x3 conv + 2x2 max-pool stage."""
 
@@ -279,8 +288,9 @@ class DatasetConfig:
     """Which data to train on; MNIST ships with the repository, synthetic is for fast tests."""
 
     name: Literal["MNIST", "synthetic"] = "MNIST"
+    """MNIST (shipped in data/mnist, no download) or synthetic (MNIST-shaped noise, for tests)."""
     root: str | None = None
-    """Folder with the MNIST IDX files; default: the repository's data/mnist."""
+    """Folder with the MNIST IDX files; default: $SMOLCLUSTER_DATA, else the repository's data/mnist."""
     train_size: int = 0
     """Use only the first this many training samples (0: all; synthetic: default 4096)."""
     test_size: int = 0
@@ -296,8 +306,12 @@ class WandbConfig:
     """Weights & Biases; offline unless an API key is set and `online` is asked for."""
 
     mode: Literal["offline", "online", "disabled"] = "offline"
+    """offline: write runs locally (upload later with `wandb sync`); online needs an API key;
+    disabled: no W&B at all. $WANDB_MODE wins over this key."""
     project: str = "smolcluster"
+    """W&B project."""
     entity: str | None = None
+    """W&B user or team (default: your W&B default entity)."""
     group: str | None = None
     """Group of this cluster run; default: a name made from the time and the model."""
     dir: str | None = None
@@ -340,6 +354,8 @@ FINGERPRINT_TRAINING = (
 )
 
 FINGERPRINT_CLUSTER = ("seed", "num_workers", "compression", "int8_chunk", "bucket_mb")
+NN_SECTIONS = ("training", "model", "dataset", "wandb")
+"""The sections of nn_config.yaml; the cluster file's keys are the `cluster` section."""
 
 # Keys of upstream's files that moved; their values are carried over with a warning.
 LEGACY_CLUSTER = {"timeout": "step_timeout"}
@@ -497,7 +513,10 @@ def load_config(
     nn_raw = _read_yaml(npath)
     _migrate(cluster_raw, LEGACY_CLUSTER, cpath, nest=False)
     _migrate(nn_raw, LEGACY_NN, npath, nest=True)
-    sections = {"cluster": cluster_raw, **{k: v for k, v in nn_raw.items()}}
+    for key in nn_raw:
+        if key not in NN_SECTIONS:  # `cluster` too: it lives in its own file
+            raise ConfigError(f"{npath}: {key}: unknown section; known sections are {', '.join(NN_SECTIONS)}")
+    sections = {"cluster": cluster_raw, **nn_raw}
     for text in overrides:
         keys, value = parse_override(text)
         node = sections
@@ -507,12 +526,11 @@ def load_config(
                 raise ConfigError(f"--set {text}: {k} is not a section")
             node = child
         node[keys[-1]] = value
-    for key in list(sections):
-        if key not in ("cluster", "training", "model", "dataset", "wandb"):
-            raise ConfigError(
-                f"{npath}: {key}: unknown section; known sections are training, model, dataset, wandb"
-            )
     set_keys = {".".join(parse_override(t)[0]) for t in overrides}
+    for key in list(sections):
+        if key not in ("cluster", *NN_SECTIONS):  # the files were checked: it came from a --set
+            given = next(k for k in sorted(set_keys) if k.split(".")[0] == key)
+            raise ConfigError(f"--set {given}: unknown section {key!r}; known sections are cluster, {', '.join(NN_SECTIONS)}")
 
     def located(error: ConfigError, path: Path, prefix: str) -> ConfigError:
         key = prefix + str(error).split(":", 1)[0].split("[", 1)[0]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -26,6 +27,22 @@ from smolcluster.config import Config
 from smolcluster.progress import PROGRESS_PREFIX
 
 STOP_GRACE_S = 5.0
+PLAIN_EVERY_S = 10.0
+"""Seconds between progress lines when stderr is not a terminal (a terminal gets live bars)."""
+# What a terminal or a process manager sends: each stops the cluster the way Ctrl-C does.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class Stopped(KeyboardInterrupt):
+    """`run` got a stop signal; it exits with 128 + the signal's number, as a shell expects."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_stopped(signum: int, _frame: object) -> None:
+    raise Stopped(signum)
 
 
 def port_is_free(host: str, port: int) -> bool:
@@ -53,6 +70,7 @@ class Child:
         self.log = log_path.open("w")
         self.bar: tqdm | None = None
         self.position = position
+        self.last_plain = time.monotonic()
         self.proc = subprocess.Popen(
             argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True, text=True, bufsize=1,
@@ -77,6 +95,12 @@ class Child:
         except json.JSONDecodeError:
             return
         if not sys.stderr.isatty():
+            # No bars in a log file or a CI console: the server's progress as a line now and then.
+            now = time.monotonic()
+            if self.position == 0 and state["n"] > 0 and now - self.last_plain >= PLAIN_EVERY_S:
+                self.last_plain = now
+                fields = "".join(f", {k} {v}" for k, v in state.items() if k not in ("desc", "n", "total"))
+                logger.info(f"server at step {state['n']}/{state['total']}{fields}")
             return
         if self.bar is None:
             self.bar = tqdm(total=state["total"], desc=f"{self.name:>9}", position=self.position,
@@ -86,11 +110,13 @@ class Child:
         self.bar.refresh()
 
     def why(self) -> str:
-        """The child's last error line, else its last line."""
-        for line in reversed(self.tail):
-            if "ERROR" in line or "Error" in line:
-                return line
-        return self.tail[-1] if self.tail else "(no output)"
+        """How it ended: the signal that killed it, and its last error line (else its last line)."""
+        code = self.proc.returncode
+        killed = f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 else ""
+        last = next((line for line in reversed(self.tail) if "ERROR" in line or "Error" in line), None)
+        if last is None:
+            last = f"its last output: {self.tail[-1]}" if self.tail else "no output"
+        return f"{killed}; {last}" if killed else last
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc.poll() is None:
@@ -107,24 +133,38 @@ class Child:
 
 
 def stop_all(children: list[Child]) -> None:
-    """SIGTERM everyone, then SIGKILL whoever is still there after STOP_GRACE_S seconds."""
+    """SIGTERM everyone, then SIGKILL whoever is still there after STOP_GRACE_S seconds
+    (at once if another stop signal comes meanwhile: a second Ctrl-C means now)."""
     for child in children:
         child.stop(signal.SIGTERM)
     deadline = time.monotonic() + STOP_GRACE_S
-    for child in children:
-        try:
+    try:
+        for child in children:
             child.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
+    except (subprocess.TimeoutExpired, KeyboardInterrupt):  # grace is over, or a second Ctrl-C
+        pass
+    for child in children:
+        if child.proc.poll() is None:
             child.stop(signal.SIGKILL)
             child.proc.wait()
 
 
-def run_local(cfg: Config, config_args: list[str]) -> int:
-    """Start and supervise the cluster; returns the exit code for the shell."""
+class PortInUse(OSError):
+    """The port asked for with `--set cluster.port=N` is taken."""
+
+
+def run_local(cfg: Config, config_args: list[str], port: int | None = None) -> int:
+    """Start and supervise the cluster; returns the exit code for the shell.
+
+    `port`: the one to use (it must be free); default: any free port, so that two local runs, or
+    a run beside a real server on the default port, never meet.
+    """
     c, t = cfg.cluster, cfg.training
-    port = c.port if port_is_free("127.0.0.1", c.port) else free_port()
-    if port != c.port:
-        logger.info(f"port {c.port} is busy; using {port} for this local cluster")
+    if port is None:
+        port = free_port()
+    elif not port_is_free("127.0.0.1", port):
+        raise PortInUse(f"port {port} on 127.0.0.1 is in use (another server?); choose another "
+                        "cluster.port, or leave it unset and `run` picks a free one")
     threads = t.threads or max(1, (os.cpu_count() or 1) // c.num_workers)
     common = [
         *config_args, "--set", f"cluster.port={port}", "--set", "cluster.host_ip=127.0.0.1",
@@ -132,24 +172,31 @@ def run_local(cfg: Config, config_args: list[str]) -> int:
     ]
     out = Path(t.out_dir)
     (out / "logs").mkdir(parents=True, exist_ok=True)
+    # A token of this run's own: a worker can then only ever join its own server, even if another
+    # process takes the port in the seconds before this server binds it.
     env = {**os.environ, "SMOLCLUSTER_PROGRESS": "json", "SMOLCLUSTER_PARENT_PID": str(os.getpid()),
-           "PYTHONUNBUFFERED": "1"}
+           "PYTHONUNBUFFERED": "1", "SMOLCLUSTER_TOKEN": secrets.token_hex(16)}
     base = [sys.executable, "-m", "smolcluster"]
     logger.info(f"starting a local cluster: 1 server + {c.num_workers} workers on 127.0.0.1:{port}, logs in {out / 'logs'}")
     children: list[Child] = []
+    previous = {sig: signal.signal(sig, _raise_stopped) for sig in STOP_SIGNALS}
     try:
         children.append(Child("server", [*base, "server", *common], env, out / "logs" / "server.log", 0))
         for k in range(1, c.num_workers + 1):
             children.append(Child(f"worker {k}", [*base, "worker", "--id", str(k), *common], env,
                                   out / "logs" / f"worker-{k}.log", k))
         return _supervise(children, out)
-    except KeyboardInterrupt:
-        logger.warning("interrupted: stopping the server and every worker")
-        stop_all(children)
-        return 130
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        logger.warning(f"{signal.Signals(signum).name}: stopping the server and every worker")
+        return 128 + signum
     finally:
         stop_all(children)
-        for child in children:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        # Last bar first: clearing a bar below the first leaves the cursor mid-line, and clearing
+        # the first (the server's) returns it to the start of the line.
+        for child in reversed(children):
             child.close()
 
 
