@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
 
 EXPECTED_ERRORS = {"smolcluster.auth": "AuthError", "smolcluster.checkpoint": "CheckpointError",
                    "smolcluster.data": "DataError", "smolcluster.server": "ClusterError",
-                   "smolcluster.worker": "WorkerError"}
+                   "smolcluster.worker": "WorkerError", "smolcluster.results": "ModelFileError"}
 """Errors whose message is the whole story (no traceback), by the module that defines each."""
 
 

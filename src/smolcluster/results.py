@@ -14,6 +14,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from smolcluster.config import ConfigError, ModelConfig, build
+
+
+class ModelFileError(RuntimeError):
+    """A saved model file is missing, unreadable, or not one of ours."""
 from smolcluster.models import build_model
 
 
@@ -46,10 +50,13 @@ def load_model(path: Path) -> tuple[nn.Module, ModelConfig, dict[str, str]]:
             meta = f.metadata() or {}
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as e:
-        raise ConfigError(f"{path}: not a readable safetensors file ({e})") from None
+        raise ModelFileError(f"{path}: not a readable safetensors file ({e})") from None
     if "smolcluster.model" not in meta:
-        raise ConfigError(f"{path}: no smolcluster model config in its metadata")
-    cfg = build(ModelConfig, json.loads(meta["smolcluster.model"]), "model")
+        raise ModelFileError(f"{path}: no smolcluster model config in its metadata")
+    try:
+        cfg = build(ModelConfig, json.loads(meta["smolcluster.model"]), "model")
+    except (ConfigError, json.JSONDecodeError) as e:
+        raise ModelFileError(f"{path}: its model config is not usable ({e})") from None
     model = build_model(cfg, 0)
     model.load_state_dict(tensors)
     return model, cfg, meta

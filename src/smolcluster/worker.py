@@ -46,7 +46,8 @@ class ServerLost(WorkerError):
 
 def connect(host: str, port: int, timeout_s: float) -> socket.socket:
     """Dial the server, retrying with backoff (0.1 s doubling to 2 s) until `timeout_s` seconds pass."""
-    deadline = time.monotonic() + timeout_s
+    start = time.monotonic()
+    deadline = start + timeout_s
     delay, told = 0.1, False
     while True:
         try:
@@ -60,7 +61,7 @@ def connect(host: str, port: int, timeout_s: float) -> socket.socket:
                     f"could not reach the server at {host}:{port} within {timeout_s:.0f} s: {e}{hint}; "
                     "is it running, and is the port open in the firewall?"
                 ) from None
-            if not told:
+            if not told and time.monotonic() - start > 3.0:  # quiet while the server starts up
                 logger.info(f"waiting for the server at {host}:{port} ({e.strerror or e}); retrying")
                 told = True
             time.sleep(delay)
@@ -188,6 +189,9 @@ class Worker:
         server_nonce, my_nonce = str(challenge.get("nonce", "")), auth.nonce()
         if challenge.get("auth") and self.token is None:
             raise WorkerError(f"the {self.peer} requires a cluster token: set ${auth.TOKEN_ENV} or cluster.token_file")
+        if self.token is not None and not challenge.get("auth"):  # refuse before it could count us in
+            raise WorkerError(f"the {self.peer} asks for no cluster token but we have one: it is not our "
+                              f"cluster's server (or it was started without ${auth.TOKEN_ENV})")
         hello: dict[str, Any] = {
             "worker_id": self.id, "host": socket.gethostname(), "pid": os.getpid(), "nonce": my_nonce,
             "fingerprint": {**self.cfg.fingerprint(), "layout": layout(self.model)},

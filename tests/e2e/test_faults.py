@@ -218,3 +218,13 @@ def test_a_worker_without_the_token_is_told_what_to_do(tmp_path):
     cluster.start_worker(1)
     cluster.wait_for_log("worker 1", "requires a cluster token")
     cluster.kill()
+
+
+def test_a_worker_with_a_token_refuses_a_server_without_one_before_joining(tmp_path):
+    cluster = Cluster(tmp_path, workers=1, args=BASE)
+    cluster.start_server()
+    cluster.extra_env = {auth.TOKEN_ENV: TOKEN}
+    cluster.start_worker(1)
+    cluster.wait_for_log("worker 1", "asks for no cluster token but we have one")
+    assert "joined" not in cluster.procs["server"].output
+    cluster.kill()
