@@ -1,10 +1,11 @@
-"""The benchmark's own machinery: the slow-link proxy, for real.
+"""The benchmark's own machinery: the slow-link proxy for real, and `python -m bench --quick` end to end.
 
 No wall-clock assertions: the benchmark's numbers are for people to read, not for CI to judge.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -108,3 +109,28 @@ def test_link_spec_from_mbit():
     spec = LinkSpec.from_mbit(100, delay_ms=0.5)
     assert spec.rate == pytest.approx(12.5e6) and spec.delay_s == pytest.approx(5e-4)
     assert LinkSpec.from_mbit(None).rate is None
+
+
+@pytest.mark.timeout(120)
+def test_quick_benchmark_writes_the_expected_json(tmp_path):
+    """The smallest case end to end: SimpleNN, 2 workers, one process and smolcluster fp32 on loopback
+    (one cluster launch; the proxy has its own tests above)."""
+    cmd = [sys.executable, "-m", "bench", "--quick", "--systems", "single,smolcluster", "--links", "none",
+           "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=110)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert {"meta", "loopback", "models", "rows", "notes", "targets"} <= results.keys()
+    assert {"cpu", "cores", "os", "torch", "plan"} <= results["meta"].keys()
+    assert results["loopback"]["MB_per_s"] > 0
+    assert results["models"]["SimpleNN"]["params"] == 784 * 128 + 128 + 128 * 10 + 10
+    rows = {(r["system"], r["link"]): r for r in results["rows"]}
+    assert set(rows) == {("single b", "none"), ("single b*N", "none"), ("smolcluster fp32", "loopback")}
+    for row in rows.values():
+        assert row["runs"] and not row["errors"], row
+        assert {"median", "min", "max"} <= row["step_ms"].keys() and row["samples_per_s"] > 0
+    smol = rows[("smolcluster fp32", "loopback")]
+    assert smol["bytes"]["total"] == 2 * 2 * (36 + 4 * (101_770 + 1))  # 2 workers x GRAD + AVG frames
+    assert smol["wire_ms"] > 0 and smol["comm_ms"] is not None
+    assert any("cluster.compression" in note for note in results["notes"])  # variants this version lacks
+    assert "| smolcluster fp32 |" in (tmp_path / "results.md").read_text()
