@@ -32,14 +32,13 @@ def _bars(ax: Any, rows: list[dict[str, Any]], groups: list[Any], group_key: Any
                 lo.append(s["median"] - s["min"])
                 hi.append(s["max"] - s["median"])
         ax.bar(xs, ys, width, yerr=[lo, hi], label=system, capsize=2)
-    ring = [(j, r["ddp_wire_ms"]) for j, g in enumerate(groups) for r in rows
-            if group_key(r) == g and r.get("ddp_wire_ms") and r["system"] == systems[0]]
+    ring = {j: r["ddp_wire_ms"] for j, g in enumerate(groups) for r in rows if group_key(r) == g and r.get("ddp_wire_ms")}
     if ring:
-        ax.plot([j for j, _ in ring], [ms for _, ms in ring], "k_", markersize=40, mew=2,
-                label="DDP ring wire time (computed)")
-    ax.set_xticks(range(len(groups)), [str(g) for g in groups])
+        ax.plot(list(ring), list(ring.values()), "k_", markersize=24, mew=2, label="DDP ring wire time (computed)")
+    ax.set_xticks(range(len(groups)), [str(g) for g in groups], fontsize=7)
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda y, _: f"{y:g}"))
+    ax.yaxis.set_minor_formatter(ticker.NullFormatter())
     ax.set_title(title, fontsize=9)
     ax.set_ylabel("ms/step (log)")
     ax.grid(axis="y", alpha=0.3)
@@ -56,7 +55,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
         workers = sorted({r["workers"] for r in local})
         _bars(axes[0][col], local, workers, lambda r: r["workers"], f"{model}: loopback, by workers N")
         if has_links:
-            linked = [r for r in rows if r["model"] == model and r["link"] in LINKS]
+            linked = [r for r in results["rows"] if r["model"] == model and r["link"] in LINKS]
             groups = list(dict.fromkeys((r["link"], r["workers"]) for r in linked))
             _bars(axes[1][col], linked, groups, lambda r: (r["link"], r["workers"]), f"{model}: emulated links")
             axes[1][col].set_xticks(range(len(groups)), [f"{link}\nN={n}" for link, n in groups])

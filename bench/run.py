@@ -10,6 +10,7 @@ results.json and results.png.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import time
 from collections.abc import Callable
@@ -52,6 +53,8 @@ class Plan:
     loopback_mib: int
     out: Path
     quick: bool
+    render: Path | None = None
+    """Measure nothing: recompute the report from this results.json (after a change to report.py)."""
 
     @property
     def logs(self) -> Path:
@@ -285,6 +288,8 @@ def parse_args(argv: list[str] | None = None) -> Plan:
     p.add_argument("--dataset", choices=["MNIST", "synthetic"], default="MNIST")
     p.add_argument("--timeout-s", type=float, default=300.0, help="deadline for one launch (default 300)")
     p.add_argument("--out", type=Path, help="where results.json/.png go (default bench/; --quick: bench/out/)")
+    p.add_argument("--render", type=Path, metavar="RESULTS_JSON",
+                   help="measure nothing: rewrite the report (.md, .png, derived JSON fields) from a results.json")
     a = p.parse_args(argv)
     if a.quick:  # new defaults; flags given explicitly still win
         p.set_defaults(**QUICK)
@@ -303,7 +308,7 @@ def parse_args(argv: list[str] | None = None) -> Plan:
                 links=_csv(a.links), link_systems=_csv(a.link_systems), link_steps=a.link_steps,
                 link_repeats=a.link_repeats,
                 link_budget_s=a.link_budget_s, dataset=a.dataset, timeout_s=a.timeout_s,
-                loopback_mib=64 if a.quick else 512, out=out, quick=a.quick)
+                loopback_mib=64 if a.quick else 512, out=out, quick=a.quick, render=a.render)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -312,14 +317,19 @@ def main(argv: list[str] | None = None) -> int:
 
     plan = parse_args(argv)
     log.setup("bench")
-    started = time.time()
-    meta = report.machine_info()
-    logger.info(f"benchmark on {meta['cpu']} ({meta['cores']} cores), torch {meta['torch']}; results -> {plan.out}")
-    results = Bench(plan).run()
-    plan_json = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(plan).items()}
-    meta.update(plan=plan_json, duration_s=round(time.time() - started, 1), load_after=report.load_average())
-    results = report.finish({"meta": meta, **results})
+    if plan.render:
+        results = report.finish(json.loads(plan.render.read_text()))
+        out = plan.render.parent
+    else:
+        started = time.time()
+        meta = report.machine_info()
+        logger.info(f"benchmark on {meta['cpu']} ({meta['cores']} cores), torch {meta['torch']}; results -> {plan.out}")
+        results = Bench(plan).run()
+        plan_json = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(plan).items()}
+        meta.update(plan=plan_json, duration_s=round(time.time() - started, 1), load_after=report.load_average())
+        results = report.finish({"meta": meta, **results})
+        out = plan.out
     text = report.markdown(results)
     print(text)
-    report.write(results, text, plan.out)
+    report.write(results, text, out)
     return 0 if all(r["runs"] or r["note"].startswith("skipped") for r in results["rows"]) else 1
