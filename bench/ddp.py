@@ -15,7 +15,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from bench.netns import LOOPBACK, Hosts
-from bench.procs import Group, child_env, python
+from bench.procs import Group, child_env, python, set_flags
 
 
 def ring_bytes_per_rank(grad_bytes: int, workers: int) -> int:
@@ -57,7 +57,7 @@ def run(group: Group, overrides: list[str], workers: int, steps: int, timeout_s:
 
     out = group.logs / "ddp-times.json"
     args = ["--master", hosts.address(0), "--port", str(free_port()), "--steps", str(steps), "--out", str(out),
-            *[a for o in overrides for a in ("--set", o)]]
+            *set_flags(overrides)]
     names = []
     for rank in range(workers):
         names.append(f"ddp-rank{rank}")

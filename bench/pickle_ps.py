@@ -27,7 +27,7 @@ from pathlib import Path
 
 from bench import proxy
 from bench.netns import LOOPBACK, Hosts
-from bench.procs import Group, python
+from bench.procs import Group, python, set_flags
 from bench.proxy import LinkSpec
 
 LENGTH = struct.Struct(">I")
@@ -130,7 +130,7 @@ def run(group: Group, overrides: list[str], workers: int, steps: int, timeout_s:
 
     out = group.logs / "pickle-times.json"
     port = free_port()
-    sets = ["--host", hosts.address(0), "--steps", str(steps), *[a for o in overrides for a in ("--set", o)]]
+    sets = ["--host", hosts.address(0), "--steps", str(steps), *set_flags(overrides)]
     group.spawn("pickle-server", [*hosts.prefix(0), *python("-m", "bench.pickle_ps", "server", "--out", str(out),
                                                             "--port", str(port), *sets)])
     worker_port = proxy.start(group, port, link) if link is not None else port

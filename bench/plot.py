@@ -32,7 +32,8 @@ def _bars(ax: Any, rows: list[dict[str, Any]], groups: list[Any], group_key: Any
                 lo.append(s["median"] - s["min"])
                 hi.append(s["max"] - s["median"])
         ax.bar(xs, ys, width, yerr=[lo, hi], label=system, capsize=2)
-    ring = {j: r["ddp_wire_ms"] for j, g in enumerate(groups) for r in rows if group_key(r) == g and r.get("ddp_wire_ms")}
+    ring = {j: r["ddp_wire_ms"] for j, g in enumerate(groups) for r in rows
+            if group_key(r) == g and r.get("ddp_wire_ms")}
     if ring:
         ax.plot(list(ring), list(ring.values()), "k_", markersize=24, mew=2, label="DDP ring wire time (computed)")
     ax.set_xticks(range(len(groups)), [str(g) for g in groups], fontsize=7)

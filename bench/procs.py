@@ -37,6 +37,11 @@ def python(*args: str) -> list[str]:
     return [sys.executable, *args]
 
 
+def set_flags(overrides: list[str]) -> list[str]:
+    """["a=1", "b=2"] -> ["--set", "a=1", "--set", "b=2"]: the config every child reads."""
+    return [flag for o in overrides for flag in ("--set", o)]
+
+
 class Group:
     """Processes of one measurement; logs go to `logs/NAME.log`."""
 

@@ -94,7 +94,6 @@ class Direction:
     def __init__(self, src: socket.socket, dst: socket.socket, spec: LinkSpec, pacer: Pacer | None,
                  on_done: Callable[[], None]) -> None:
         self.src, self.dst, self.spec, self.pacer, self.on_done = src, dst, spec, pacer, on_done
-        self.bytes = 0
         self.finished = False
         self._line: deque[tuple[float, bytes | None]] = deque()
         self._ready = threading.Condition()
@@ -140,7 +139,6 @@ class Direction:
         try:
             if piece is not None:
                 self.dst.sendall(piece)
-                self.bytes += len(piece)
                 return True
             self.dst.shutdown(socket.SHUT_WR)
         except OSError:
@@ -160,7 +158,6 @@ class Proxy:
         self.listener = socket.create_server((host, port))
         self.port = self.listener.getsockname()[1]
         self._shared = (self._pacer(up), self._pacer(down))
-        self.directions: list[Direction] = []
 
     @staticmethod
     def _pacer(spec: LinkSpec) -> Pacer | None:
@@ -203,8 +200,8 @@ class Proxy:
             client.close()
             server.close()
 
-        self.directions += [Direction(client, server, self.up, up, done),
-                            Direction(server, client, self.down, down, done)]
+        Direction(client, server, self.up, up, done)  # each runs on its own threads
+        Direction(server, client, self.down, down, done)
 
 
 def start(group: Group, upstream_port: int, link: LinkSpec) -> int:

@@ -175,9 +175,9 @@ def markdown(results: dict[str, Any]) -> str:
     if results["targets"]:
         targets = results["targets"]
         links = list(dict.fromkeys(link for t in targets for link in t["vs_ddp_links"]))
+        then = "; then smolcluster / DDP behind the links where both ran." if links else "."
         lines += ["", 'Targets (issue "Speed"), on loopback: smolcluster fp32 step time vs DDP-gloo, and speed-up '
-                  "over the pickle PS" + ("; then smolcluster / DDP behind the links where both ran." if links else "."),
-                  ""]
+                  f"over the pickle PS{then}", ""]
         lines += _table(
             ["model", "N", "smolcluster / DDP", "target", "met", "pickle / smolcluster", "target", "met",
              *[f"smolcluster / DDP, {link}" for link in links]],

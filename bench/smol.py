@@ -13,7 +13,7 @@ from typing import Any
 
 from bench import proxy
 from bench.netns import LOOPBACK, Hosts
-from bench.procs import BenchError, Group, python
+from bench.procs import BenchError, Group, python, set_flags
 from bench.proxy import LinkSpec
 from smolcluster.wire import HEADER_SIZE
 
@@ -33,20 +33,16 @@ def run(group: Group, overrides: list[str], workers: int, timeout_s: float,
     out = group.logs / "smolcluster-out"
     server_ip, port = hosts.address(0), free_port()
     common = [*overrides, f"training.out_dir={out}", f"cluster.host_ip={server_ip}"]
-    group.spawn("smol-server", [*hosts.prefix(0), *python("-m", "smolcluster", "server", *_sets(
+    group.spawn("smol-server", [*hosts.prefix(0), *python("-m", "smolcluster", "server", *set_flags(
         [*common, f"cluster.bind={server_ip}", f"cluster.port={port}"]))])
     worker_port = proxy.start(group, port, link) if link is not None else port
     names = ["smol-server"]
     for k in range(1, workers + 1):
         names.append(f"smol-worker{k}")
-        group.spawn(names[-1], [*hosts.prefix(k), *python("-m", "smolcluster", "worker", "--id", str(k), *_sets(
+        group.spawn(names[-1], [*hosts.prefix(k), *python("-m", "smolcluster", "worker", "--id", str(k), *set_flags(
             [*common, f"cluster.port={worker_port}"]))])
     group.wait(names, timeout_s)
     summary = Path(out) / "summary.json"
     if not summary.exists():
         raise BenchError(f"the server wrote no {summary}:\n{group.tail('smol-server')}")
     return json.loads(summary.read_text())
-
-
-def _sets(overrides: list[str]) -> list[str]:
-    return [a for o in overrides for a in ("--set", o)]
