@@ -1,0 +1,48 @@
+"""smolcluster itself: a real `smolcluster server` and N `smolcluster worker` processes, as users run them.
+
+The server's own summary.json is the measurement (`step_ms`, `samples_per_s`). For a slow link,
+a `bench.proxy` sits between the workers and the server: the server listens on one port, the
+proxy on another, and the workers are pointed at the proxy with `--set cluster.port=PROXYPORT`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from bench import proxy
+from bench.netns import LOOPBACK, Hosts
+from bench.procs import BenchError, Group, python, set_flags
+from bench.proxy import LinkSpec
+from smolcluster.wire import HEADER_SIZE
+
+
+
+def frame_bytes(params: int, elem_bytes: float) -> int:
+    """One GRAD or AVG frame: the 36-byte header + every parameter + the loss slot, `elem_bytes` each."""
+    return HEADER_SIZE + round((params + 1) * elem_bytes)
+
+
+def run(group: Group, overrides: list[str], workers: int, timeout_s: float,
+        link: LinkSpec | None = None, hosts: Hosts = LOOPBACK) -> dict[str, Any]:
+    """One cluster run to `training.max_steps` (server on host 0, worker k on host k); returns the
+    server's summary.json. With `link`, the workers reach the server through a `bench.proxy`."""
+    from smolcluster.runner import free_port
+
+    out = group.logs / "smolcluster-out"
+    server_ip, port = hosts.address(0), free_port()
+    common = [*overrides, f"training.out_dir={out}", f"cluster.host_ip={server_ip}"]
+    group.spawn("smol-server", [*hosts.prefix(0), *python("-m", "smolcluster", "server", *set_flags(
+        [*common, f"cluster.bind={server_ip}", f"cluster.port={port}"]))])
+    worker_port = proxy.start(group, port, link) if link is not None else port
+    names = ["smol-server"]
+    for k in range(1, workers + 1):
+        names.append(f"smol-worker{k}")
+        group.spawn(names[-1], [*hosts.prefix(k), *python("-m", "smolcluster", "worker", "--id", str(k), *set_flags(
+            [*common, f"cluster.port={worker_port}"]))])
+    group.wait(names, timeout_s)
+    summary = Path(out) / "summary.json"
+    if not summary.exists():
+        raise BenchError(f"the server wrote no {summary}:\n{group.tail('smol-server')}")
+    return json.loads(summary.read_text())
