@@ -172,7 +172,7 @@ def frame(mtype: MsgType, payload: Any = b"", **fields: Any) -> list[bytes | mem
 def send_frame(sock: socket.socket, buffers: list[bytes | memoryview]) -> None:
     """Send all buffers with as few syscalls as the kernel allows (no joining copy)."""
     views = deque(memoryview(b).cast("B") for b in buffers)
-    if isinstance(sock, ssl.SSLSocket):  # TLS has no sendmsg
+    if isinstance(sock, ssl.SSLSocket) or not isinstance(sock, socket.socket):  # TLS has no sendmsg
         for view in views:
             sock.sendall(view)
         return

@@ -31,6 +31,7 @@ from smolcluster.flat import FlatModel
 from smolcluster.models import build_model, layout
 from smolcluster.progress import Progress
 from smolcluster.results import save_model
+from smolcluster.tlsio import SharedTLS
 from smolcluster.tracking import NullTracker, Tracker, start_tracker
 from smolcluster.train import build_optimizer, loss_fn, optimizer_step, set_threads
 from smolcluster.wire import DType, Header, MsgType, ProtocolError
@@ -94,20 +95,21 @@ class Worker:
         self.buckets = make_buckets([p.numel() for p in self.model.parameters() if p.requires_grad],
                                     max(1, int(c.bucket_mb * 2**20) // 4))
         self.exchange: GradExchange | None = None
-        self.sock: socket.socket | None = None
+        self.sock: socket.socket | SharedTLS | None = None
         self._send_lock = threading.Lock()
         self._last_send = time.monotonic()
+        self._lost_at: float | None = None  # when the server went away, while we try to get it back
 
     # --- I/O ------------------------------------------------------------------------------------
 
-    def _dial(self) -> socket.socket:
+    def _dial(self) -> socket.socket | SharedTLS:
         c = self.cfg.cluster
         sock = connect(*self.address, c.connect_timeout)
         if not c.tls_ca:
             return sock
         ctx = ssl.create_default_context(cafile=c.tls_ca)
         try:
-            return ctx.wrap_socket(sock, server_hostname=c.tls_server_name or self.address[0])
+            return SharedTLS(ctx.wrap_socket(sock, server_hostname=c.tls_server_name or self.address[0]))
         except (ssl.SSLError, OSError) as e:
             sock.close()
             raise WorkerError(f"TLS with the {self.peer} failed: {e}") from None
@@ -125,7 +127,7 @@ class Worker:
         except OSError as e:
             raise ServerLost(f"lost the connection to the {self.peer} while sending: {e}") from None
 
-    def _heartbeats(self, sock: socket.socket, stop: threading.Event) -> None:
+    def _heartbeats(self, sock: socket.socket | SharedTLS, stop: threading.Event) -> None:
         period = self.cfg.cluster.heartbeat_s
         while not stop.wait(period / 2):
             if time.monotonic() - self._last_send < period:
@@ -184,6 +186,8 @@ class Worker:
         try:
             challenge = self._json(MsgType.CHALLENGE, timeout)
         except ServerLost as e:
+            if self._lost_at is not None:  # a server coming back can reset us while it restarts
+                raise
             hint = "" if self.cfg.cluster.tls_ca else " (if the server uses TLS, set cluster.tls_ca)"
             raise WorkerError(f"no handshake from the {self.peer}: {e}{hint}") from None
         server_nonce, my_nonce = str(challenge.get("nonce", "")), auth.nonce()
@@ -222,6 +226,12 @@ class Worker:
         try:
             done = self._session()
             while done is None:  # the server went away and cluster.reconnect is on
+                assert self._lost_at is not None
+                waited = time.monotonic() - self._lost_at
+                if waited > self.cfg.cluster.connect_timeout:
+                    raise WorkerError(f"the {self.peer} did not come back within {waited:.0f} s "
+                                      "(cluster.connect_timeout)")
+                time.sleep(0.2)
                 done = self._session()
             if self.save_params:
                 save_model(self.model, self.cfg.model, self.save_params)
@@ -249,6 +259,7 @@ class Worker:
             self.exchange = GradExchange(self.flat, self.buckets, c.compression, c.int8_chunk, c.overlap,
                                          self.id, self._send_frames, self.peer)
             start = self._sync()
+            self._lost_at = None
             logger.info(f"received the parameters and optimizer state; training from step {start}")
             self._train(start, total)
             header, payload = self._expect(MsgType.DONE, total, c.worker_timeout)
@@ -258,7 +269,9 @@ class Worker:
         except ServerLost as e:
             if not c.reconnect:
                 raise
-            logger.warning(f"{e}; reconnecting (cluster.reconnect is on)")
+            if self._lost_at is None:
+                logger.warning(f"{e}; reconnecting (cluster.reconnect is on)")
+                self._lost_at = time.monotonic()
             return None
         finally:
             stop.set()
