@@ -12,9 +12,9 @@ import signal
 
 import pytest
 import torch
+from helpers import Cluster, wait_for
 
 from bench.hostile import attacks
-from helpers import Cluster, wait_for
 from smolcluster import auth
 
 pytestmark = pytest.mark.timeout(180)
@@ -67,6 +67,13 @@ def test_fault_schedule_run_completes_with_equal_replicas_and_accuracy(tmp_path,
     if "nan" in name:
         assert summary["nonfinite_gradients"] == 1
     assert summary["workers_dropped"] == len(faults) - (1 if "nan" in name or "sleep" in name else 0)
+
+
+def test_a_worker_lost_during_step_0_is_dropped_at_step_0(tmp_path):
+    cluster = Cluster(tmp_path, workers=2, args=BASE).start({2: ["--fault", "0:kill"]})
+    finished(cluster, ["server", "worker 1"])
+    assert "worker 2 dropped at step 0: connection closed" in cluster.procs["server"].output
+    assert cluster.summary()["workers_dropped"] == 1
 
 
 def test_killed_worker_restarts_rejoins_and_ends_identical(tmp_path):
