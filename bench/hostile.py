@@ -10,7 +10,7 @@ import os
 import pickle
 import socket
 import struct
-from typing import Callable
+from collections.abc import Callable
 
 from smolcluster import auth, wire
 from smolcluster.wire import DType, MsgType
