@@ -473,7 +473,8 @@ def run_one(ctx: Ctx, key: str) -> list[Row]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help=f"{QUICK.train_size} training images instead of {FULL.train_size}")
+    ap.add_argument("--quick", action="store_true", help=f"{QUICK.workers} workers and {QUICK.train_size} training images "
+                    f"instead of {FULL.workers} and {FULL.train_size}")
     ap.add_argument("--only", metavar="KEYS", help=f"comma-separated subset of: {', '.join(SCENARIOS)}")
     ap.add_argument("--out", default=str(REPO / "docs" / "reliability.md"), help="where to write the report")
     ap.add_argument("--keep", metavar="DIR", help="keep every run's logs and outputs in DIR")
