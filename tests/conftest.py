@@ -9,7 +9,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent))  # helpers
+sys.path.insert(0, str(Path(__file__).parents[1]))  # the repository root, for bench/ (the process harness)
 
 
 def _kill_descendants() -> list[str]:

@@ -1,20 +1,16 @@
-"""Start real smolcluster processes (server, workers, `run`) for end-to-end tests."""
+"""Start real smolcluster processes for end-to-end tests: bench/cluster.py's harness, with a tiny job.
+
+conftest.py puts the repository root on sys.path, so `bench` imports here.
+"""
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import torch
-from safetensors.torch import load_file
+from bench.cluster import REPO, Proc, assert_same_params, env, free_port, smolcluster, wait_for
+from bench.cluster import Cluster as _Cluster
 
-REPO = Path(__file__).resolve().parents[1]
+__all__ = ["FAST", "REPO", "Cluster", "Proc", "assert_same_params", "env", "free_port", "smolcluster", "wait_for"]
 
 # A tiny job: synthetic data, 512 samples, quick to run in a few seconds per process.
 FAST = [
@@ -26,129 +22,8 @@ FAST = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def smolcluster(*args: str) -> list[str]:
-    return [sys.executable, "-m", "smolcluster", *args]
-
-
-def env(**extra: str) -> dict[str, str]:
-    base = {k: v for k, v in os.environ.items() if k != "SMOLCLUSTER_TOKEN"}
-    return {**base, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled", "WANDB_SILENT": "true", **extra}
-
-
 @dataclass
-class Proc:
-    name: str
-    popen: subprocess.Popen
-    log: Path
+class Cluster(_Cluster):
+    """The harness, with the tiny job (FAST) before each test's own flags."""
 
-    @property
-    def output(self) -> str:
-        return self.log.read_text() if self.log.exists() else ""
-
-
-@dataclass
-class Cluster:
-    """A server and workers started by hand, as a user would in separate terminals."""
-
-    tmp: Path
-    workers: int = 2
-    args: list[str] = field(default_factory=list)
-    port: int = field(default_factory=free_port)
-    procs: dict[str, Proc] = field(default_factory=dict)
-    extra_env: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def out(self) -> Path:
-        return self.tmp / "out"
-
-    def common(self) -> list[str]:
-        return [*FAST, "--set", f"cluster.port={self.port}", "--set", f"cluster.num_workers={self.workers}",
-                "--set", f"training.out_dir={self.out}", *self.args]
-
-    def spawn(self, name: str, argv: list[str]) -> Proc:
-        self.tmp.mkdir(parents=True, exist_ok=True)
-        log = self.tmp / f"{name.replace(' ', '-')}.log"
-        with log.open("w") as f:
-            popen = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env=env(**self.extra_env), cwd=REPO,
-                                     start_new_session=True)
-        self.procs[name] = Proc(name, popen, log)
-        return self.procs[name]
-
-    def start_server(self, *extra: str) -> Proc:
-        return self.spawn("server", smolcluster("server", *self.common(), *extra))
-
-    def start_worker(self, k: int, *extra: str, name: str | None = None) -> Proc:
-        save = self.tmp / f"worker-{k}.safetensors"
-        return self.spawn(name or f"worker {k}", smolcluster(
-            "worker", "--id", str(k), "--save-params", str(save), *self.common(), *extra))
-
-    def start(self, worker_extra: dict[int, list[str]] | None = None) -> Cluster:
-        self.start_server()
-        for k in range(1, self.workers + 1):
-            self.start_worker(k, *(worker_extra or {}).get(k, []))
-        return self
-
-    def wait(self, timeout: float = 120.0) -> dict[str, int]:
-        """Exit codes of every process; kills them all and fails loudly on timeout."""
-        deadline = time.monotonic() + timeout
-        codes = {}
-        for name, proc in self.procs.items():
-            try:
-                codes[name] = proc.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                self.kill()
-                raise AssertionError(f"{name} did not finish within {timeout} s:\n{self.logs()}") from None
-        return codes
-
-    def wait_for_log(self, name: str, text: str, timeout: float = 60.0) -> None:
-        proc = self.procs[name]
-        wait_for(lambda: text in proc.output or proc.popen.poll() is not None, timeout, f"{name} to log {text!r}")
-        assert text in proc.output, f"{name} exited before logging {text!r}:\n{proc.output[-3000:]}"
-
-    def summary(self) -> dict:
-        import json
-
-        return json.loads((self.out / "summary.json").read_text())
-
-    def assert_replicas_equal(self, workers: list[int]) -> None:
-        server = self.server_params()
-        for k in workers:
-            assert_same_params(self.worker_params(k), server, f"worker {k} vs the server")
-
-    def kill(self) -> None:
-        for proc in self.procs.values():
-            if proc.popen.poll() is None:
-                os.killpg(proc.popen.pid, signal.SIGKILL)
-                proc.popen.wait()
-
-    def logs(self) -> str:
-        return "\n".join(f"--- {p.name} ---\n{p.output[-4000:]}" for p in self.procs.values())
-
-    def server_params(self) -> dict[str, torch.Tensor]:
-        return load_file(str(self.out / "model.safetensors"))
-
-    def worker_params(self, k: int) -> dict[str, torch.Tensor]:
-        return load_file(str(self.tmp / f"worker-{k}.safetensors"))
-
-
-def assert_same_params(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: str) -> None:
-    """Bit-identical, tensor by tensor."""
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), f"{what}: {key} differs"
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.05) -> None:
-    """Poll `predicate` until true; fail with `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+    base: list[str] = field(default_factory=lambda: list(FAST))

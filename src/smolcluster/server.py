@@ -340,6 +340,7 @@ class Server:
         c, t = self.cfg.cluster, self.cfg.training
         self.step_late = 0
         self._sync_newcomers()
+        self.started = True  # from the first step's collect on, a drop costs steps and a HELLO is a rejoin
         t0 = time.monotonic()
         self.comm_s = 0.0
         arrived = self._collect()
@@ -401,7 +402,6 @@ class Server:
             for self.step in range(start, self.total_steps):
                 self._inject()
                 metrics = self._train_step()
-                self.started = True
                 bar.update(1, loss=f"{self.flat.loss:.4f}", workers=metrics["workers/present"])
             bar.close()
             train_s = time.monotonic() - t_train

@@ -8,16 +8,14 @@ deadline so nothing here can hang.
 from __future__ import annotations
 
 import os
-import pickle
 import signal
-import socket
-import struct
 
 import pytest
 
 from helpers import Cluster, assert_same_params, wait_for
-from smolcluster import auth, wire
-from smolcluster.wire import DType, MsgType
+
+from bench.hostile import attacks
+from smolcluster import auth
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -69,6 +67,13 @@ def test_fault_schedule_run_completes_with_equal_replicas_and_accuracy(tmp_path,
     if "nan" in name:
         assert summary["nonfinite_gradients"] == 1
     assert summary["workers_dropped"] == len(faults) - (1 if "nan" in name or "sleep" in name else 0)
+
+
+def test_a_worker_lost_during_step_0_is_dropped_at_step_0(tmp_path):
+    cluster = Cluster(tmp_path, workers=2, args=BASE).start({2: ["--fault", "0:kill"]})
+    finished(cluster, ["server", "worker 1"])
+    assert "worker 2 dropped at step 0: connection closed" in cluster.procs["server"].output
+    assert cluster.summary()["workers_dropped"] == 1
 
 
 def test_killed_worker_restarts_rejoins_and_ends_identical(tmp_path):
@@ -144,33 +149,6 @@ def test_a_hung_worker_is_dropped_for_silence_and_the_rest_go_on(tmp_path):
 # --- hostile peers --------------------------------------------------------------------------
 
 
-def rogue(port: int, payload: bytes | None = None, hello: dict | None = None, token: str | None = None) -> str:
-    """Connect and misbehave; returns what the server answered (or why the connection ended)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        header, body = wire.read_frame(sock, "server", lambda h: memoryview(bytearray(h.length)))
-        assert header.type == MsgType.CHALLENGE
-        if payload is not None:
-            sock.sendall(payload)
-        if hello is not None:
-            server_nonce = wire.decode_json(body, header, "server")["nonce"]
-            if token is not None:
-                hello["proof"] = auth.proof(token.encode(), "worker", server_nonce, hello["nonce"], hello["worker_id"])
-            wire.send_frame(sock, wire.frame(MsgType.HELLO, hello))
-        try:
-            while True:
-                header, body = wire.read_frame(sock, "server", lambda h: memoryview(bytearray(h.length)))
-                if header.type in (MsgType.REJECT, MsgType.ERROR):
-                    return bytes(body).decode()
-        except (wire.ConnectionClosed, OSError) as e:
-            return f"closed: {e}"
-
-
-def upstream_frame(message: tuple) -> bytes:
-    """What the hobby servers we replace put on the wire: a 4-byte length, then a pickle."""
-    blob = pickle.dumps(message)
-    return struct.pack("!I", len(blob)) + blob
-
-
 def test_hostile_peers_never_disturb_training(tmp_path):
     args = [*BASE, "--set", "cluster.step_timeout=60"]
     env = {auth.TOKEN_ENV: TOKEN}
@@ -181,18 +159,7 @@ def test_hostile_peers_never_disturb_training(tmp_path):
     cluster.start({1: ["--fault", "5:sleep:15"]})
     cluster.wait_for_log("server", "all 2 workers joined")
     duplicate = cluster.start_worker(1, name="duplicate worker 1")
-    port = cluster.port
-    hello = {"worker_id": 1, "nonce": "n" * 32, "fingerprint": {}}
-    answers = {
-        "no token": rogue(port, hello=dict(hello, worker_id=2)),
-        "wrong token": rogue(port, hello=dict(hello), token="guess"),
-        "pickle": rogue(port, payload=upstream_frame(("all_reduce", 0, 1, [0.5] * 64))),
-        "random bytes": rogue(port, payload=os.urandom(4096)),
-        "says nothing": rogue(port),
-        "AVG from a client": rogue(port, payload=b"".join(bytes(b) for b in wire.frame(
-            MsgType.AVG, b"\0" * 8, dtype=DType.F32))),
-        "oversized": rogue(port, payload=wire.Header(MsgType.HELLO, length=2**31).pack()),
-    }
+    answers = {name: attack() for name, attack in attacks(cluster.port).items()}
     finished(cluster, ["server", "worker 1", "worker 2"])
     assert duplicate.popen.returncode == 1 and "already connected" in duplicate.output
 
