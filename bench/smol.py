@@ -8,13 +8,15 @@ proxy on another, and the workers are pointed at the proxy with `--set cluster.p
 from __future__ import annotations
 
 import json
+import secrets
 from pathlib import Path
 from typing import Any
 
 from bench import proxy
 from bench.netns import LOOPBACK, Hosts
-from bench.procs import BenchError, Group, python, set_flags
+from bench.procs import BenchError, Group, child_env, python, set_flags
 from bench.proxy import LinkSpec
+from smolcluster.auth import TOKEN_ENV
 from smolcluster.wire import HEADER_SIZE
 
 
@@ -33,14 +35,16 @@ def run(group: Group, overrides: list[str], workers: int, timeout_s: float,
     out = group.logs / "smolcluster-out"
     server_ip, port = hosts.address(0), free_port()
     common = [*overrides, f"training.out_dir={out}", f"cluster.host_ip={server_ip}"]
+    # A cluster token, as a user would set: a server bound to a non-loopback address (netns) needs one.
+    env = child_env(**{TOKEN_ENV: secrets.token_hex(16)})
     group.spawn("smol-server", [*hosts.prefix(0), *python("-m", "smolcluster", "server", *set_flags(
-        [*common, f"cluster.bind={server_ip}", f"cluster.port={port}"]))])
+        [*common, f"cluster.bind={server_ip}", f"cluster.port={port}"]))], env=env)
     worker_port = proxy.start(group, port, link) if link is not None else port
     names = ["smol-server"]
     for k in range(1, workers + 1):
         names.append(f"smol-worker{k}")
         group.spawn(names[-1], [*hosts.prefix(k), *python("-m", "smolcluster", "worker", "--id", str(k), *set_flags(
-            [*common, f"cluster.port={worker_port}"]))])
+            [*common, f"cluster.port={worker_port}"]))], env=env)
     group.wait(names, timeout_s)
     summary = Path(out) / "summary.json"
     if not summary.exists():
