@@ -359,10 +359,10 @@ def below_min(ctx: Ctx) -> Row:
     codes = c.wait(ctx.job.timeout_s)
     row = Row("below-min", f"below `min_workers` ({n} of {n})", f"`min_workers={n}`, `worker --fault {step}:kill`",
               f"`min_workers` + `worker_timeout` ({ctx.job.policy['worker_timeout']:g} s): clear error, everyone exits")
-    named(row, c, [("server", r"step \d+: only \d+ gradients .*min_workers=\d+"),
+    named(row, c, [("server", r"step \d+: only \d+ (complete )?gradients .*min_workers=\d+"),
                    ("worker 1", r"ended our session: .*")])
     fault = need(find(c.procs["worker 2"].output, r"injecting fault kill"), "the injection")
-    error = need(find(c.procs["server"].output, r"only \d+ gradients"), "the server's error")
+    error = need(find(c.procs["server"].output, r"only \d+ (complete )?gradients"), "the server's error")
     last = max(elapsed(fault.t, need(find(c.procs[f"worker {k}"].output, r"ended our session"), f"worker {k}").t)
                for k in range(1, n + 1) if k != 2)
     row.recovery = f"{ms(elapsed(fault.t, error.t))}: fault → clear error; all out after {ms(last)}"
