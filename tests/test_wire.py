@@ -135,6 +135,24 @@ def test_frame_reader_skips_payloads_it_is_told_to_discard():
     assert got[0][1] is wire.SKIP
 
 
+@pytest.mark.parametrize("cut, where", [
+    (0, ""), (10, " in the middle of a frame header (10 of 36 bytes)"),
+    (wire.HEADER_SIZE + 3, " in the middle of a GRAD frame (3 of 8 payload bytes)"),
+])
+def test_frame_reader_says_where_an_eof_cut_a_frame(cut, where):
+    """A worker that dies mid-send loses a frame: the log must say so, not just 'closed'."""
+    a, b = pair()
+    b.setblocking(False)
+    stream = b"".join(bytes(f) for f in wire.frame(MsgType.GRAD, b"abcdefgh", step=1, dtype=DType.F32, count=1))
+    a.sendall(stream[:cut])
+    a.close()
+    reader = wire.FrameReader(b, "peer", lambda h: memoryview(bytearray(8)))
+    with pytest.raises(wire.ConnectionClosed) as err:
+        while True:
+            reader.read()
+    assert str(err.value) == "peer closed the connection" + where
+
+
 def test_frame_reader_refuses_a_length_the_model_does_not_imply():
     a, b = pair()
     b.setblocking(False)

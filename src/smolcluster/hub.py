@@ -183,8 +183,9 @@ class Hub:
                             break
                 if peer in self.peers and events & selectors.EVENT_WRITE:
                     self._flush(peer)
-            except wire.ConnectionClosed:
-                self.drop(peer, "connection closed")
+            except wire.ConnectionClosed as e:
+                cut = str(e).partition("closed the connection")[2]  # " in the middle of a GRAD frame (...)"
+                self.drop(peer, f"connection closed{cut}")
             except ProtocolError as e:
                 logger.error(f"protocol error from {peer.name}: {e}")
                 self.fail(peer, str(e))

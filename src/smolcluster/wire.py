@@ -273,7 +273,7 @@ class FrameReader:
             except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
                 return
             if n == 0:
-                raise ConnectionClosed(f"{self.peer} closed the connection")
+                raise ConnectionClosed(f"{self.peer} closed the connection{self._cut_off()}")
             if self._skip_left:
                 self._skip_left -= n
                 if not self._skip_left:
@@ -286,6 +286,15 @@ class FrameReader:
                 self._start_payload(done)
             else:
                 self._finish(done, self._dest)
+
+    def _cut_off(self) -> str:
+        """Where a frame was cut by the EOF, if it was: the log should say a frame was lost."""
+        if self._header is not None:
+            got = self._header.length - self._skip_left if self._skip_left else self._got
+            return f" in the middle of a {self._header.type.name} frame ({got} of {self._header.length} payload bytes)"
+        if self._got:
+            return f" in the middle of a frame header ({self._got} of {HEADER_SIZE} bytes)"
+        return ""
 
     def _start_payload(self, done: list[tuple[Header, memoryview]]) -> None:
         header = unpack_header(self._head, self.peer)
