@@ -82,8 +82,7 @@ def sections(rows: list[Row], job: Job) -> list[tuple[str, list[str], str]]:
          "bit-identical to the server. What is lost is the dead worker's shard for the rest of the run: that is "
          "the accuracy column. (A SIGKILL takes longer to notice than a clean exit because the kernel tears the "
          "dead process's memory down before it closes its sockets.) A connection cut in the middle of a frame "
-         "is logged like any other closed connection: the half frame is discarded, but the log does not say "
-         "there was one.\n\n**Configure** `min_workers` (here {min_workers}): the fewest workers you accept "
+         "is logged with how much of which frame arrived; the half frame is discarded.\n\n**Configure** `min_workers` (here {min_workers}): the fewest workers you accept "
          "to train on. A crashed worker can come back at any time with the same `--id` (below)."),
         ("Stragglers (`step_timeout`)", ["sleep"],
          "Once a step's first gradient is in, the server waits at most `step_timeout` ({step_timeout:g} s) for "
