@@ -184,8 +184,7 @@ class Hub:
                 if peer in self.peers and events & selectors.EVENT_WRITE:
                     self._flush(peer)
             except wire.ConnectionClosed as e:
-                cut = str(e).partition("closed the connection")[2]  # " in the middle of a GRAD frame (...)"
-                self.drop(peer, f"connection closed{cut}")
+                self.drop(peer, f"connection closed{e.cut}")
             except ProtocolError as e:
                 logger.error(f"protocol error from {peer.name}: {e}")
                 self.fail(peer, str(e))

@@ -85,7 +85,11 @@ class ProtocolError(Exception):
 
 
 class ConnectionClosed(ConnectionError):
-    """The peer closed the connection (cleanly or not)."""
+    """The peer closed the connection (cleanly or not); `cut` says what frame it cut short, if any."""
+
+    def __init__(self, message: str, cut: str = "") -> None:
+        super().__init__(message + cut)
+        self.cut = cut
 
 
 @dataclass(slots=True, frozen=True)
@@ -273,7 +277,7 @@ class FrameReader:
             except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
                 return
             if n == 0:
-                raise ConnectionClosed(f"{self.peer} closed the connection{self._cut_off()}")
+                raise ConnectionClosed(f"{self.peer} closed the connection", self._cut_off())
             if self._skip_left:
                 self._skip_left -= n
                 if not self._skip_left:
