@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -166,18 +167,22 @@ def test_an_init_that_raises_leaves_a_null_tracker(tmp_path, clean_env, logs):
 
 def test_an_init_that_hangs_is_abandoned_after_init_timeout(tmp_path, clean_env, logs):
     late: list[Any] = []
+    release = threading.Event()
 
     class LateRun:
         def finish(self, exit_code: int | None = None) -> None:
             late.append(exit_code)
 
+    returned = threading.Event()
+
     def hanging_init(**kwargs: Any) -> Any:
-        time.sleep(1.0)
+        release.wait(60)  # hangs until the test has seen start_tracker give up
+        returned.set()
         return LateRun()
 
-    t0 = time.monotonic()
     tracker = start_tracker(cfg_for(tmp_path, "wandb.init_timeout=0.2"), "server", init=hanging_init)
-    assert time.monotonic() - t0 < 0.9
+    assert not returned.is_set(), "start_tracker waited for the hanging init instead of giving up"
+    release.set()
     assert isinstance(tracker, NullTracker)
     assert any("init_timeout=0.2" in line for line in logs), logs
     deadline = time.monotonic() + 5
