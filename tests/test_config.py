@@ -230,3 +230,142 @@ def test_config_table_expands_maps_of_sections():
         ("x.hosts.<name>.user", "`null`", "text or null", "login"),
         ("x.mode", "`a`", "text", "a \\| b"),
     ]
+
+
+# --- hostile input: alias bombs, NaN, huge values ---------------------------------------------
+
+
+def laughs(levels: int = 9) -> str:
+    """'Billion laughs': each anchor is nine aliases of the one before; 9**9 values in ~330 bytes."""
+    names = "abcdefghijklmnop"[:levels]
+    first = f"&{names[0]} [{','.join(['lol'] * 9)}]"
+    rest = [f"&{b} [{','.join([f'*{a}'] * 9)}]" for a, b in zip(names, names[1:])]
+    return f"[{','.join([first, *rest])}]"
+
+
+def timed_error(*args) -> tuple[str, float]:
+    import time
+
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError) as info:
+        load_config(*args)
+    return str(info.value), time.monotonic() - t0
+
+
+def test_an_alias_bomb_in_a_file_is_refused_at_once_with_a_short_error(tmp_path):
+    path = write(tmp_path, "nn.yaml", f"training:\n  batch_size: {laughs()}\n")
+    assert len(path.read_bytes()) < 400
+    message, seconds = timed_error(None, path)
+    assert seconds < 2.0 and len(message) < 1000, (seconds, len(message))
+    assert message.startswith(f"{path}: YAML aliases expand to more than 10000 values")
+
+
+@pytest.mark.parametrize("value", [laughs(), "&a [*a]"])  # nested anchors; an alias inside its own anchor
+def test_an_alias_bomb_in_a_set_value_is_refused(value):
+    message, seconds = timed_error(None, None, [f"training.batch_size={value}"])
+    assert seconds < 2.0 and len(message) < 1000
+    assert message.startswith("--set training.batch_size: YAML aliases expand to more than 10000 values")
+
+
+def test_a_few_aliases_still_work(tmp_path):
+    text = "server: a\nworkers: [b]\nnum_workers: 1\nssh:\n  a: &host {user: alice, port: 2222}\n  b: *host\n"
+    hosts = load_config(write(tmp_path, "c.yaml", text), None).cluster.launch_hosts()
+    assert [(h.user, h.port) for *_, h in hosts] == [("alice", 2222), ("alice", 2222)]
+
+
+def numeric_keys() -> list[tuple[str, type]]:
+    """Every key typed int or float (alone or in a union), in every section, as `section.key`."""
+    import types
+    import typing
+
+    from smolcluster.config import Config
+
+    out = []
+    for section, cls in typing.get_type_hints(Config).items():
+        for name, tp in typing.get_type_hints(cls).items():
+            union = typing.get_origin(tp) in (typing.Union, types.UnionType)
+            options = typing.get_args(tp) if union else (tp,)
+            if float in options or int in options:
+                out.append((f"{section}.{name}", float if float in options else int))
+    return out
+
+
+def test_every_numeric_key_is_found():
+    keys = dict(numeric_keys())
+    assert keys["training.learning_rate"] is float and keys["cluster.step_timeout"] is float
+    assert keys["cluster.port"] is int and keys["cluster.min_workers"] is int and keys["wandb.init_timeout"] is float
+
+
+@pytest.mark.parametrize("key, tp", numeric_keys())
+def test_nan_and_infinity_are_refused_for_every_numeric_key(key, tp):
+    for value in (".nan", ".inf", "-.inf", "nan", "'inf'", "1e999"):
+        message, _ = timed_error(None, None, [f"{key}={value}"])
+        expected = "a finite number" if tp is float else "an integer"
+        assert message.startswith(f"--set {key}: expected {expected}"), (value, message)
+
+
+def test_nan_in_a_file_names_the_file_and_the_key(tmp_path):
+    message, _ = timed_error(None, write(tmp_path, "nn.yaml", "training:\n  learning_rate: .nan\n"))
+    assert message == f"{tmp_path / 'nn.yaml'}: training.learning_rate: expected a finite number, got nan (float)"
+
+
+def test_nan_given_in_code_is_refused_too():
+    from smolcluster.config import ClusterConfig, TrainingConfig
+
+    with pytest.raises(ConfigError, match=r"^learning_rate: expected a finite number > 0, got nan$"):
+        TrainingConfig(learning_rate=float("nan"))
+    with pytest.raises(ConfigError, match=r"^step_timeout: expected a finite number > 0, got inf$"):
+        ClusterConfig(step_timeout=float("inf"))
+
+
+@pytest.mark.parametrize(
+    "override, start",
+    [
+        ("model.type=" + "x" * 100_000, "--set model.type: unknown model 'xxx"),
+        ("training.optimizer=" + "y" * 100_000, "--set training.optimizer: expected one of"),
+        ("cluster.ssh.a.user=" + "a b" * 50_000, "--set cluster.ssh.a.user: expected no spaces"),
+        ("training.batch_size=" + "[" * 3000, "--set training.batch_size: not usable YAML: nested too deeply"),
+        ("training.batch_size=" + "9" * 5000, "--set training.batch_size: not usable YAML: Exceeds the limit"),
+        ("training.learning_rate=" + "9" * 400, "--set training.learning_rate: expected a number, got 9999"),
+        ("training.batch_size=[1, [" + "z" * 100_000 + "]]", "--set training.batch_size: expected an integer"),
+    ],
+)
+def test_huge_values_are_quoted_short(override, start):
+    message, seconds = timed_error(None, None, [override])
+    assert message.startswith(start), message[:300]
+    assert len(message) < 600 and seconds < 5.0, (len(message), seconds)
+
+
+def test_a_huge_shared_value_is_described_without_walking_it():
+    """What an alias bomb becomes once loaded: 9**9 leaves through shared lists."""
+    from smolcluster.config import TrainingConfig, build
+
+    value: list = ["lol"] * 9
+    for _ in range(8):
+        value = [value] * 9
+    with pytest.raises(ConfigError, match=r"^training\.batch_size: expected an integer, got \[\[\[") as info:
+        build(TrainingConfig, {"batch_size": value}, "training")
+    assert len(str(info.value)) < 300
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"\xff\xfe training: {}", "not UTF-8 text (byte 0)"),
+        (b"training: {batch_size: 1", "not valid YAML: while parsing a flow mapping, expected ',' or '}', "
+                                      "but got '<stream end>' (line 1, column 25)"),
+        (b"# " + b"x" * (1 << 20) + b"\n", f"larger than {1 << 20} bytes"),
+        (b"training:\n  ? " + b"k" * 300_000 + b"\n  : 1\n", "training.kkkk"),
+        (b"training:\n  " + b"k" * 300_000 + b": 1\n", "not valid YAML: mapping values are not allowed here"),
+    ],
+)
+def test_unreadable_files_are_one_short_line(tmp_path, content, message):
+    path = tmp_path / "nn.yaml"
+    path.write_bytes(content)
+    text, _ = timed_error(None, path)
+    assert text.startswith(f"{path}: ") and message in text and len(text) < 1000 and "\n" not in text, text[:300]
+
+
+def test_a_folder_as_config_file_is_a_config_error(tmp_path):
+    text, _ = timed_error(tmp_path, None)
+    assert text.startswith(f"{tmp_path}: cannot read it")

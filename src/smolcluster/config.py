@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -27,10 +29,16 @@ DEFAULT_NN = REPO_ROOT / "configs" / "nn_config.yaml"
 class ConfigError(ValueError):
     """A config file, override or flag is invalid; the message names the file and the key."""
 
+    def __init__(self, message: object = "") -> None:
+        # A backstop: whatever a message quotes (a key, a value, a YAML error), it stays one short line.
+        super().__init__(_cut(str(message), MAX_ERROR))
+
 
 def _positive(name: str, value: float, allow_zero: bool = False) -> None:
+    bound = ">= 0" if allow_zero else "> 0"
+    if isinstance(value, float) and not math.isfinite(value):  # NaN passes every comparison below
+        raise ConfigError(f"{name}: expected a finite number {bound}, got {value!r}")
     if value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
         raise ConfigError(f"{name}: expected a number {bound}, got {value!r}")
 
 
@@ -40,7 +48,7 @@ SHELL_SAFE = re.compile(r"[A-Za-z0-9._~/@%+:-]+")
 
 def _shell_safe(name: str, value: str) -> None:
     if not SHELL_SAFE.fullmatch(value):
-        raise ConfigError(f"{name}: expected no spaces, quotes or shell characters, got {value!r}")
+        raise ConfigError(f"{name}: expected no spaces, quotes or shell characters, got {_quote(value)}")
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -75,7 +83,7 @@ class SshHost:
         for name in ("dir", "uv", "python"):
             value = getattr(self, name)
             if value and value.startswith("~") and (not value.startswith("~/") or value == "~/"):
-                raise ConfigError(f"{name}: expected an absolute path or one relative to the home, got {value!r}")
+                raise ConfigError(f"{name}: expected an absolute path or one relative to the home, got {_quote(value)}")
 
     def on_host(self) -> SshHost:
         """The same, with ~/ dropped from paths on the host (launch.sh starts in the remote home)."""
@@ -184,7 +192,7 @@ class ClusterConfig:
         for key in (name, name.split(".")[0], "default"):
             if key in self.host_ip:
                 return self.host_ip[key]
-        raise ConfigError(f"host_ip: no entry for host {name!r} and no 'default' entry")
+        raise ConfigError(f"host_ip: no entry for host {_quote(name)} and no 'default' entry")
 
     def bind_address(self) -> str:
         if self.bind is not None:
@@ -268,13 +276,13 @@ class ModelConfig:
         from smolcluster.models import MODELS
 
         if self.type not in MODELS:
-            raise ConfigError(f"type: unknown model {self.type!r}; choose one of {sorted(MODELS)}")
+            raise ConfigError(f"type: unknown model {_quote(self.type)}; choose one of {sorted(MODELS)}")
         widths = [self.hidden] if isinstance(self.hidden, int) else self.hidden
         for name, values in (("hidden", widths), ("channels", self.channels)):
             if not values or any(v < 1 for v in values):
-                raise ConfigError(f"{name}: expected positive sizes, got {values!r}")
+                raise ConfigError(f"{name}: expected positive sizes, got {_quote(values)}")
         if self.type == "SimpleNN" and not isinstance(self.hidden, int):
-            raise ConfigError(f"hidden: SimpleNN takes one width, got {self.hidden!r} (use MLP)")
+            raise ConfigError(f"hidden: SimpleNN takes one width, got {_quote(self.hidden)} (use MLP)")
         _positive("input_dim", self.input_dim)
         _positive("out", self.out)
 
@@ -377,8 +385,104 @@ def diff_fingerprints(ours: dict[str, Any], theirs: dict[str, Any]) -> list[str]
 # --- loading ---------------------------------------------------------------------------------
 
 
+MAX_QUOTE = 200
+"""Characters of a user's value that an error quotes; a value can be megabytes (or, through YAML
+aliases, billions of items), and an error is one line."""
+MAX_ERROR = 1000
+"""Characters of a whole ConfigError message."""
+MAX_FILE_BYTES = 1 << 20
+"""A config file larger than this is refused (they are a few KiB); nothing reads gigabytes."""
+MAX_ALIAS_VALUES = 10_000
+"""Values that YAML aliases may add to a document; 400 bytes of nested anchors stand for 9**9."""
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = MAX_QUOTE
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 8
+_REPR.maxlevel = 3
+
+
+def _cut(text: str, limit: int = MAX_QUOTE) -> str:
+    """`text`, or its first `limit` characters and how long it was."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _quote(value: Any) -> str:
+    """A bounded repr: reprlib stops at a few items per level, so even a huge value costs nothing."""
+    return _cut(_REPR.repr(value))
+
+
 def _describe(value: Any) -> str:
-    return f"{value!r} ({type(value).__name__})"
+    return f"{_quote(value)} ({type(value).__name__})"
+
+
+def _number(value: Any, where: str) -> float:
+    """A finite float, or a ConfigError naming the key: NaN and inf pass every range check."""
+    try:
+        number = float(value)
+    except (ValueError, OverflowError):  # 'fast'; an integer beyond float's range
+        raise ConfigError(f"{where}: expected a number, got {_describe(value)}") from None
+    if not math.isfinite(number):
+        raise ConfigError(f"{where}: expected a finite number, got {_describe(value)}")
+    return number
+
+
+class _YamlRefused(Exception):
+    """Text the loader will not turn into values; the caller says which file or --set it was."""
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader (plain values only, no code) that refuses documents whose aliases expand past
+    MAX_ALIAS_VALUES values ("billion laughs": every later step would walk or print all of them)."""
+
+    def compose_document(self) -> Any:
+        node = super().compose_document()
+        sizes: dict[int, int] = {}
+        if _expanded(node, sizes) - len(sizes) > MAX_ALIAS_VALUES:
+            raise _YamlRefused(f"YAML aliases expand to more than {MAX_ALIAS_VALUES} values "
+                               "(nested anchors, or an alias inside its own anchor); write the values out")
+        return node
+
+
+_ENDLESS = 1 << 62
+"""The size of a node while it is being measured: an alias back to it expands forever."""
+
+
+def _expanded(node: Any, sizes: dict[int, int]) -> int:
+    """How many values `node` stands for with every alias written out; aliases share nodes, so
+    memoising by node makes this linear in the document, however far it expands."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    sizes[key] = _ENDLESS
+    if isinstance(node, yaml.MappingNode):
+        n = 1 + sum(_expanded(k, sizes) + _expanded(v, sizes) for k, v in node.value)
+    elif isinstance(node, yaml.SequenceNode):
+        n = 1 + sum(_expanded(v, sizes) for v in node.value)
+    else:
+        n = 1
+    sizes[key] = n
+    return n
+
+
+def _yaml_reason(e: yaml.YAMLError) -> str:
+    """PyYAML's error on one line (it spans five, quoting the text): what, and where."""
+    if isinstance(e, yaml.MarkedYAMLError) and e.problem_mark is not None:
+        mark = e.problem_mark
+        what = ", ".join(str(x) for x in (e.context, e.problem) if x)
+        return _cut(f"{what} (line {mark.line + 1}, column {mark.column + 1})", 2 * MAX_QUOTE)
+    return _cut(" ".join(str(e).split()), 2 * MAX_QUOTE)
+
+
+def _parse_yaml(text: str) -> Any:
+    """YAML as SafeLoader reads it, bounded; any failure is _YamlRefused with a one-line reason."""
+    try:
+        return yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 (a SafeLoader)
+    except yaml.YAMLError as e:
+        raise _YamlRefused(f"not valid YAML: {_yaml_reason(e)}") from None
+    except RecursionError:
+        raise _YamlRefused("not usable YAML: nested too deeply") from None
+    except ValueError as e:  # an integer of more than 4300 digits
+        raise _YamlRefused(f"not usable YAML: {_cut(str(e))}") from None
 
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:
@@ -412,7 +516,7 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {_describe(value)}")
         _, item = typing.get_args(tp)
-        return {str(k): _coerce(item, v, f"{where}.{k}") for k, v in value.items()}
+        return {str(k): _coerce(item, v, f"{where}.{_cut(str(k))}") for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -422,13 +526,9 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             return value
         raise ConfigError(f"{where}: expected an integer, got {_describe(value)}")
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
+        # YAML 1.1 reads 1e-3 (no dot) as a string; .nan, .inf and 'nan' are numbers no key wants.
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            return _number(value, where)
         raise ConfigError(f"{where}: expected a number, got {_describe(value)}")
     if tp is str:
         if isinstance(value, str):
@@ -448,7 +548,7 @@ def build(cls: type, raw: Any, where: str) -> Any:
     prefix = f"{where}." if where else ""
     unknown = [k for k in raw if k not in names]
     if unknown:
-        raise ConfigError(f"{prefix}{unknown[0]}: unknown key; known keys are {', '.join(names)}")
+        raise ConfigError(f"{prefix}{_cut(str(unknown[0]))}: unknown key; known keys are {', '.join(names)}")
     kwargs = {}
     for name, value in raw.items():
         tp = hints[name]
@@ -464,11 +564,20 @@ def build(cls: type, raw: Any, where: str) -> Any:
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text())
+        with path.open("rb") as f:
+            raw = f.read(MAX_FILE_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except OSError as e:  # a folder, no permission
+        raise ConfigError(f"{path}: cannot read it ({e.strerror or e})") from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_FILE_BYTES} bytes; not a config file")
+    try:
+        data = _parse_yaml(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except _YamlRefused as e:
+        raise ConfigError(f"{path}: {e}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -493,11 +602,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     """'training.batch_size=64' -> (['training', 'batch_size'], 64); the value is read as YAML."""
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. training.batch_size=64")
+        raise ConfigError(f"--set {_quote(text)}: expected KEY=VALUE, e.g. training.batch_size=64")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else ""
-    except yaml.YAMLError as e:
-        raise ConfigError(f"--set {text!r}: value is not valid YAML: {e}") from None
+        parsed = _parse_yaml(value) if value.strip() else ""
+    except _YamlRefused as e:
+        raise ConfigError(f"--set {_cut(key.strip())}: {e}") from None
     return key.strip().split("."), parsed
 
 
@@ -523,14 +632,14 @@ def load_config(
         for k in keys[:-1]:
             child = node.setdefault(k, {})
             if not isinstance(child, dict):
-                raise ConfigError(f"--set {text}: {k} is not a section")
+                raise ConfigError(f"--set {_cut(text)}: {_cut(k)} is not a section")
             node = child
         node[keys[-1]] = value
     set_keys = {".".join(parse_override(t)[0]) for t in overrides}
     for key in list(sections):
         if key not in ("cluster", *NN_SECTIONS):  # the files were checked: it came from a --set
             given = next(k for k in sorted(set_keys) if k.split(".")[0] == key)
-            raise ConfigError(f"--set {given}: unknown section {key!r}; known sections are cluster, {', '.join(NN_SECTIONS)}")
+            raise ConfigError(f"--set {_cut(given)}: unknown section {_quote(key)}; known sections are cluster, {', '.join(NN_SECTIONS)}")
 
     def located(error: ConfigError, path: Path, prefix: str) -> ConfigError:
         key = prefix + str(error).split(":", 1)[0].split("[", 1)[0]
