@@ -13,11 +13,11 @@ from smolcluster.flat import FlatModel
 from smolcluster.wire import Header, MsgType
 
 
-def averager(compression: str = "fp32") -> Averager:
+def averager(compression: str = "fp32", outlier_factor: float = 0.0) -> Averager:
     torch.manual_seed(0)
     flat = FlatModel(nn.Sequential(nn.Linear(20, 16), nn.Linear(16, 4)))
     buckets = make_buckets([p.numel() for p in flat.model.parameters()], 200)
-    return Averager(flat, buckets, compression, 64)
+    return Averager(flat, buckets, compression, 64, outlier_factor)
 
 
 def deliver(avg: Averager, inbox: Inbox, b: int, values: torch.Tensor, count: int) -> str:
@@ -98,3 +98,65 @@ def test_a_gradient_for_another_step_is_late():
                     count=1)
     assert avg.receive(inbox, header) == "late"
     assert not inbox.has(1, 3)
+
+
+# --- the admission rule: absurd but finite norms ------------------------------------------------
+
+
+def step_with(avg: Averager, inboxes: list[Inbox], step: int, b: int, scales: list[float]) -> list[Inbox]:
+    """Deliver bucket `b` from each inbox (seeded values times its scale) and reduce; the rejected."""
+    avg.begin(step)
+    for k, (inbox, scale) in enumerate(zip(inboxes, scales)):
+        deliver(avg, inbox, b, bucket_values(avg, b, 100 * step + k) * scale, 4)
+    return avg.reduce(b, inboxes)[1]
+
+
+@pytest.mark.parametrize("compression", ["fp32", "bf16", "int8"])
+def test_from_the_first_step_a_worker_far_above_the_others_is_rejected(compression):
+    avg = averager(compression, outlier_factor=10)
+    inboxes = [avg.inbox(), avg.inbox()]
+    rejected = step_with(avg, inboxes, 0, 1, [1.0, 1e4])  # finite, and 1e4 times the other's norm
+    assert rejected == [inboxes[1]]
+    assert 500 < inboxes[1].outlier[1] < 2000 and inboxes[1].finite[1]  # ~1e4 / 10: its norm over the limit
+    mean = avg.flat.wire[avg.buckets[1].lo : avg.buckets[1].hi]
+    assert torch.isfinite(mean).all()
+    solo = averager(compression)
+    one = [solo.inbox()]
+    step_with(solo, one, 0, 1, [1.0])
+    assert torch.equal(mean, solo.flat.wire[solo.buckets[1].lo : solo.buckets[1].hi])
+
+
+def test_after_warm_up_norms_are_judged_against_the_running_median():
+    avg = averager(outlier_factor=10)
+    inboxes = [avg.inbox(), avg.inbox()]
+    for step in range(10):  # 20 accepted norms: past the warm-up
+        assert step_with(avg, inboxes, step, 1, [1.0, 1.0]) == []
+    # Both workers 8x (within the factor): accepted, though the pair agrees with each other anyway.
+    assert step_with(avg, inboxes, 10, 1, [8.0, 8.0]) == []
+    # Both at 50x: the step's own median would accept them; the history does not.
+    assert step_with(avg, inboxes, 11, 1, [50.0, 50.0]) == inboxes
+    assert all(i.outlier[1] > 1 for i in inboxes)
+
+
+def test_a_norm_beyond_float32_is_always_rejected_and_the_loss_bucket_is_exempt():
+    avg = averager(outlier_factor=10)
+    inbox = [avg.inbox()]
+    assert step_with(avg, inbox, 0, 1, [1e30]) == inbox  # alone: no other norm to compare with
+    assert inbox[0].outlier[1] == float("inf")
+    assert step_with(avg, inbox, 1, 0, [1e30]) == []  # bucket 0 is the loss: a metric
+
+
+def test_factor_zero_turns_the_rule_off():
+    avg = averager(outlier_factor=0)
+    inboxes = [avg.inbox(), avg.inbox()]
+    assert step_with(avg, inboxes, 0, 1, [1.0, 1e15]) == []
+
+
+@pytest.mark.parametrize("compression", ["fp32", "bf16", "fp16", "int8"])
+def test_each_codec_measures_the_norm_of_what_it_decodes(compression):
+    codec = make_codec(compression, 64)
+    values = torch.randn(1000, generator=torch.Generator().manual_seed(3))
+    payload = Encoder(codec, 1000, error_feedback=False).encode(values)
+    decoded = torch.empty(1000)
+    codec.decode(payload, decoded)
+    assert codec.sqnorm(payload, 1000) == pytest.approx(float(decoded.double().square().sum()), rel=1e-5)

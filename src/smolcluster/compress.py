@@ -125,6 +125,11 @@ class Codec:
         """Whether the payload decodes to finite values only (the server rejects it otherwise)."""
         raise NotImplementedError
 
+    def sqnorm(self, payload: Buffer, numel: int) -> float:
+        """Squared L2 norm of the decoded payload, summed in float32: inf for a finite payload means
+        values beyond ~1.8e19 (the server's admission rule rejects those), NaN for a NaN payload."""
+        raise NotImplementedError
+
     def _encode(self, src: torch.Tensor, out: memoryview, residual: torch.Tensor | None) -> tuple[memoryview, bool]:
         """Encode `src`, or with a residual: residual += src, encode it, residual -= decoded.
 
@@ -186,6 +191,10 @@ class Fp32(Codec):
     def finite(self, payload: Buffer, numel: int) -> bool:
         return bool(torch.isfinite(_view(payload, torch.float32, numel)).all())
 
+    def sqnorm(self, payload: Buffer, numel: int) -> float:
+        x = _view(payload, torch.float32, numel)
+        return float(torch.dot(x, x))
+
 
 class _Cast(Codec):
     """A cast to a 16-bit float with clamping to its finite range; NaN and inf pass through."""
@@ -233,6 +242,13 @@ class _Cast(Codec):
 
     def finite(self, payload: Buffer, numel: int) -> bool:
         return bool(torch.isfinite(_view(payload, self.target, numel)).all())
+
+    def sqnorm(self, payload: Buffer, numel: int) -> float:
+        src, total = _view(payload, self.target, numel), 0.0
+        for i in range(0, numel, BLOCK):
+            x = self._scratch[: min(BLOCK, numel - i)].copy_(src[i : i + BLOCK])
+            total += float(torch.dot(x, x))
+        return total
 
 
 class Bf16(_Cast):
@@ -314,6 +330,14 @@ class Int8(Codec):
     def finite(self, payload: Buffer, numel: int) -> bool:
         scales, _ = self._split(_bytes(payload), numel)
         return bool(torch.isfinite(scales * 127.0).all())
+
+    def sqnorm(self, payload: Buffer, numel: int) -> float:
+        scales, q = self._split(_bytes(payload), numel)
+        total = 0.0
+        for rows, els, shape in self._blocks(numel):
+            w = self._scratch[: els.stop - els.start].view(shape).copy_(q[els].view(shape))
+            total += float(torch.dot(w.mul_(w).sum(1), scales[rows] * scales[rows]))
+        return total
 
     def accumulate(self, payload: Buffer, acc: torch.Tensor, weight: float = 1.0) -> None:
         scales, q = self._split(self._payload(payload, acc), acc.numel())

@@ -154,6 +154,13 @@ class ClusterConfig:
     """Host names of the workers, ids 1..N in list order (used by launch.sh)."""
     ssh: dict[str, SshHost] = field(default_factory=dict)
     """launch.sh: how to reach each host (address, user, port, key, dir, uv, python), by host name."""
+    outlier_factor: float = 10.0
+    """Server: a worker's gradient bucket whose norm is more than this many times the median of
+    recently accepted norms (the lower median of the step's, for the first steps) is rejected
+    like a NaN one, logged and counted; a norm past float32's range always is (0: off)."""
+    max_send_queue_mb: float = 0.0
+    """Server: a worker with more than this many MiB of frames queued that it has not read is
+    dropped (it resyncs when it rejoins); 0: the larger of 64 MiB and 4 steps of averages."""
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -171,6 +178,10 @@ class ClusterConfig:
         _positive("checkpoint_steps", self.checkpoint_steps, allow_zero=True)
         _positive("bucket_mb", self.bucket_mb)
         _positive("int8_chunk", self.int8_chunk)
+        _positive("outlier_factor", self.outlier_factor, allow_zero=True)
+        _positive("max_send_queue_mb", self.max_send_queue_mb, allow_zero=True)
+        if 0 < self.outlier_factor <= 1:
+            raise ConfigError(f"outlier_factor: expected 0 (off) or a number > 1, got {self.outlier_factor!r}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("tls_cert and tls_key: set both (server TLS) or neither")
         if self.workers and len(self.workers) != self.num_workers:
@@ -249,11 +260,14 @@ class TrainingConfig:
     relative to the current directory."""
     max_steps: int = 0
     """Stop after this many steps (0: run all epochs); for quick tries."""
+    max_grad_norm: float = 0.0
+    """Clip the averaged gradient to this L2 norm before each optimizer step, on the server and
+    every worker alike (0: no clipping)."""
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "num_epochs", "learning_rate"):
             _positive(name, getattr(self, name))
-        for name in ("momentum", "weight_decay", "eval_steps", "threads", "max_steps", "warmup_steps"):
+        for name in ("momentum", "weight_decay", "eval_steps", "threads", "max_steps", "warmup_steps", "max_grad_norm"):
             _positive(name, getattr(self, name), allow_zero=True)
 
 
@@ -358,7 +372,7 @@ class Config:
 
 FINGERPRINT_TRAINING = (
     "batch_size", "learning_rate", "lr_schedule", "warmup_steps", "optimizer", "momentum", "weight_decay",
-    "num_epochs", "max_steps",
+    "num_epochs", "max_steps", "max_grad_norm",
 )
 
 FINGERPRINT_CLUSTER = ("seed", "num_workers", "compression", "int8_chunk", "bucket_mb")

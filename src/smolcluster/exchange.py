@@ -103,6 +103,20 @@ class GradExchange:
                 self.error = e
             self._mark_sent([b], step)
 
+    def wait_sent(self) -> None:
+        """Block until every bucket of the current step has left (its memory may be reused then)."""
+        with self._cond:
+            while any(s != self.step for s in self.sent):
+                self._cond.wait()
+
+    def restart(self) -> None:
+        """After a resync: the step in flight is abandoned, and error feedback's carried-over
+        rounding belongs to parameters that no longer exist."""
+        self.wait_sent()
+        for enc in self.encoders:
+            enc.reset()
+        self.received = [-1] * len(self.buckets)
+
     def close(self) -> None:
         if self._thread is not None:
             for hook in self._hooks:

@@ -2,7 +2,9 @@
 
 Kinds: `sleep:SECONDS` before sending the step's gradient; `exit` (clean goodbye and exit 0);
 `kill` (SIGKILL itself, as a crash would); `disconnect` (send half a gradient frame, then drop the
-connection); `garbage` (send random bytes instead of a frame); `nan` (send a NaN gradient).
+connection); `garbage` (send random bytes instead of a frame); `nan` (send a NaN gradient);
+`scale:FACTOR` (multiply the step's gradient by FACTOR, e.g. 1e19: finite but absurd, as a bug
+or an fp16 overflow would make it).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-Kind = Literal["sleep", "exit", "kill", "disconnect", "garbage", "nan"]
+Kind = Literal["sleep", "exit", "kill", "disconnect", "garbage", "nan", "scale"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +29,8 @@ def parse_fault(text: str) -> Fault:
         raise ValueError(f"--fault {text!r}: expected STEP:KIND[:ARG] with KIND one of {', '.join(get_args(Kind))}")
     if parts[1] == "sleep" and len(parts) != 3:
         raise ValueError(f"--fault {text!r}: sleep needs seconds, e.g. 5:sleep:3")
+    if parts[1] == "scale" and len(parts) != 3:
+        raise ValueError(f"--fault {text!r}: scale needs a factor, e.g. 5:scale:1e19")
     try:
         arg = float(parts[2]) if len(parts) == 3 else 0.0
     except ValueError:

@@ -58,8 +58,10 @@ class Handler(Protocol):
 
 class Hub:
     def __init__(self, host: str, port: int, handler: Handler, *, heartbeat_s: float, silence_s: float,
-                 handshake_s: float, tls: ssl.SSLContext | None = None) -> None:
+                 handshake_s: float, tls: ssl.SSLContext | None = None, max_queue: int = 1 << 62) -> None:
         self.handler = handler
+        self.max_queue = max_queue
+        """Bytes a peer may leave unread in its send queue; past that it is dropped (memory stays bounded)."""
         self.heartbeat_s, self.silence_s, self.handshake_s = heartbeat_s, silence_s, handshake_s
         self.tls = tls
         self.peers: list[Peer] = []
@@ -105,6 +107,9 @@ class Hub:
         if peer in self.peers:
             peer.writer.push(buffers)
             self._flush(peer)
+            if peer in self.peers and peer.writer.pending > self.max_queue and not peer.closing:
+                self.drop(peer, f"fell behind: {peer.writer.pending / 2**20:.1f} MiB of frames queued that it "
+                                f"has not read (limit {self.max_queue / 2**20:.0f} MiB, cluster.max_send_queue_mb)")
 
     def _flush(self, peer: Peer) -> None:
         if peer.handshaking:

@@ -36,6 +36,7 @@ from smolcluster.hub import Hub, Peer
 from smolcluster.models import build_model, layout
 from smolcluster.progress import Progress
 from smolcluster.results import save_model, write_summary
+from smolcluster.rollback import Snapshot, replica_finite
 from smolcluster.tracking import group_name, start_tracker
 from smolcluster.train import build_optimizer, evaluate, learning_rate, optimizer_step, set_threads
 from smolcluster.wire import DType, Header, MsgType, ProtocolError
@@ -51,6 +52,8 @@ class Counters:
 
     late: int = 0
     nonfinite: int = 0
+    outliers: int = 0
+    rollbacks: int = 0
     dropped: int = 0
     rejoined: int = 0
     refused: int = 0
@@ -93,11 +96,18 @@ class Server:
         self.fingerprint = {**cfg.fingerprint(), "layout": layout(self.model)}
         sizes = [p.numel() for p in self.model.parameters() if p.requires_grad]
         self.avg = Averager(self.flat, make_buckets(sizes, max(1, int(c.bucket_mb * 2**20) // 4)),
-                            c.compression, c.int8_chunk)
+                            c.compression, c.int8_chunk, c.outlier_factor)
+        self.snapshot = Snapshot(self.flat, self.optimizer)
+        self.resync_step = -1
+        """Gradients of steps before this one were computed from rolled-back parameters: dropped quietly."""
+        self.progress: dict[int, int] = {}
+        """Per worker: the last step it delivered a gradient for (or joined at)."""
+        self.progress_at: dict[int, float] = {}
         self.first_arrival: float | None = None
         self.faults = {f.step: f for f in faults or []}
         self.state_limit = 4 * self.flat.nbytes + (1 << 20)
         self.step = 0
+        self.healthy = True
         self.started = False
         self.workers: dict[int, Peer] = {}
         self.checksums: dict[int, int] = {}
@@ -110,10 +120,17 @@ class Server:
         if resume:
             self._resume()
         self.hub = Hub(host, c.port, self, heartbeat_s=c.heartbeat_s, silence_s=c.worker_timeout,
-                       handshake_s=c.handshake_timeout, tls=self._tls())
+                       handshake_s=c.handshake_timeout, tls=self._tls(), max_queue=self._queue_limit())
         self.port = self.hub.port
         logger.info(f"listening on {host}:{self.port} for {c.num_workers} workers"
                     f"{' (TLS)' if c.tls_cert else ''}{' (token required)' if self.token else ''}")
+
+    def _queue_limit(self) -> int:
+        """Bytes of unread frames a worker may have queued before it is dropped (server memory bound)."""
+        c = self.cfg.cluster
+        if c.max_send_queue_mb:
+            return int(c.max_send_queue_mb * 2**20)
+        return max(64 << 20, 4 * sum(self.avg.nbytes))
 
     def _tls(self) -> ssl.SSLContext | None:
         c = self.cfg.cluster
@@ -159,6 +176,8 @@ class Server:
             return None
         if header.type != MsgType.GRAD or not peer.synced:
             raise ProtocolError(f"{peer.name}: a worker may not send {header.type.name} now")
+        if header.step < self.resync_step:
+            return wire.SKIP  # computed from parameters that were rolled back
         if header.step > self.step:
             raise ProtocolError(f"{peer.name}: gradient for step {header.step} while the server is at step {self.step}")
         if not 0 < header.count <= self.cfg.training.batch_size:
@@ -204,6 +223,7 @@ class Server:
         peer.worker_id = wid
         peer.inbox = self.avg.inbox()
         self.workers[wid] = peer
+        self._progressed(wid)
         if self.started:
             self.counters.rejoined += 1
         logger.info(f"worker {wid} {'rejoined' if self.started else 'joined'} from {peer.addr} "
@@ -215,6 +235,9 @@ class Server:
         self.hub.send(peer, wire.frame(MsgType.WELCOME, welcome))
 
     def _on_grad(self, peer: Peer, header: Header) -> None:
+        self._progressed(peer.worker_id)  # late or not, it is working
+        if header.step < self.resync_step:
+            return
         result, inbox = self.avg.receive(peer.inbox, header), peer.inbox
         if result == "late":
             if inbox.late_step != header.step:  # once per worker and step, not per bucket
@@ -226,8 +249,25 @@ class Server:
         if self.first_arrival is None:
             self.first_arrival = time.monotonic()
 
+    def _progressed(self, wid: int) -> None:
+        self.progress[wid], self.progress_at[wid] = self.step, time.monotonic()
+
+    def _drop_stalled(self, live: list[Peer]) -> None:
+        """Liveness is progress: a worker whose heartbeats go on but whose gradients stopped coming
+        (a hung compute thread) is dropped once `worker_timeout` passed while the others went on."""
+        c, now = self.cfg.cluster, time.monotonic()
+        for peer in live:
+            wid = peer.worker_id
+            idle = now - self.progress_at.get(wid, now)
+            behind = self.step - self.progress.get(wid, self.step)
+            if idle > c.worker_timeout and behind >= 2:
+                self.hub.drop(peer, f"delivered no gradient for {idle:.0f} s while the others went on "
+                                    f"{behind - 1} steps (worker_timeout={c.worker_timeout:g})")
+
     def _on_checksum(self, peer: Peer, header: Header, body: dict[str, Any]) -> None:
         theirs, ours = body.get("crc"), self.checksums.get(header.step)
+        if ours is None and header.step < self.resync_step:
+            return  # of parameters the server rolled back
         if ours is None:
             logger.warning(f"{peer.name} sent a checksum for step {header.step}, which the server has none of")
             return
@@ -271,6 +311,7 @@ class Server:
                 *wire.frame(MsgType.STATE, state, step=self.step, dtype=DType.RAW),
             ])
             peer.synced = True
+            self._progressed(peer.worker_id)
             if self.started:
                 logger.info(f"worker {peer.worker_id} is back in lockstep from step {self.step}")
 
@@ -288,6 +329,8 @@ class Server:
         start, self.first_arrival = time.monotonic(), None
         while True:
             live = sorted((p for p in self.workers.values() if p.synced), key=lambda p: p.worker_id)
+            self._drop_stalled(live)
+            live = [p for p in live if p.worker_id in self.workers]
             if len(live) >= c.quorum:
                 for b in self.avg.ready([p.inbox for p in live]):
                     self._reduce_and_send(b, live)
@@ -318,14 +361,54 @@ class Server:
         """Average bucket `b` and queue it to every synced worker (late ones too: replicas never diverge)."""
         t0 = time.monotonic()
         frames, rejected = self.avg.reduce(b, [p.inbox for p in live])
-        for peer in [p for p in live if p.inbox in rejected and p.inbox.bad_step != self.step]:
-            peer.inbox.bad_step = self.step  # once per worker and step, not per bucket
-            self.counters.nonfinite += 1
-            logger.error(f"step {self.step}: rejected a non-finite (NaN/Inf) gradient from worker {peer.worker_id}")
+        for peer in [p for p in live if p.inbox in rejected]:
+            self._count_rejection(peer, b)
         for peer in [p for p in self.workers.values() if p.synced]:
             self.hub.send(peer, frames)
             self.avg.bytes_out += sum(memoryview(f).nbytes for f in frames)
         self.comm_s += time.monotonic() - t0
+
+    def _count_rejection(self, peer: Peer, b: int) -> None:
+        """Log and count a rejected contribution once per worker and step, not per bucket."""
+        inbox = peer.inbox
+        if not inbox.finite[b] and inbox.bad_step != self.step:
+            inbox.bad_step = self.step
+            self.counters.nonfinite += 1
+            logger.error(f"step {self.step}: rejected a non-finite (NaN/Inf) gradient from worker {peer.worker_id}")
+        elif inbox.outlier[b] and inbox.outlier_step != self.step:
+            inbox.outlier_step = self.step
+            self.counters.outliers += 1
+            ratio = "beyond float32's range" if inbox.outlier[b] == float("inf") else f"{inbox.outlier[b]:.3g}x the limit"
+            logger.error(f"step {self.step}: rejected an absurd gradient from worker {peer.worker_id} (bucket {b} norm "
+                         f"{ratio}: cluster.outlier_factor={self.cfg.cluster.outlier_factor:g} times the usual norm)")
+
+    def _check_replica(self) -> bool:
+        """After the optimizer step: roll back to the last good snapshot if anything is not finite."""
+        if replica_finite(self.flat, self.optimizer):
+            if self.snapshot.due(self.step + 1):
+                self.snapshot.take(self.step + 1)
+            return True
+        good = self.snapshot.restore()
+        self.counters.rollbacks += 1
+        self.checksums.pop(self.step, None)
+        logger.error(f"step {self.step}: parameters or optimizer state are not finite after the update; rolled "
+                     f"back to the state after step {good} and resyncing every worker (steps {good}-{self.step + 1} "
+                     f"are lost)")
+        return False
+
+    def _resync_all(self) -> None:
+        """Step `self.step` is given up: every worker gets the rolled-back state to go on from the next.
+
+        Workers are one step ahead of the server's rollback by now (they applied the bad average
+        and sent gradients for this step from it); those gradients are dropped as stale."""
+        self.resync_step = self.step + 1
+        params, state = bytes(self.flat.param_bytes), encode_state(self.optimizer)
+        for peer in [p for p in self.workers.values() if p.synced]:
+            self.hub.send(peer, [
+                *wire.frame(MsgType.PARAMS, params, step=self.resync_step, dtype=DType.F32),
+                *wire.frame(MsgType.STATE, state, step=self.resync_step, dtype=DType.RAW),
+            ])
+            self._progressed(peer.worker_id)
 
     def _evaluate(self) -> dict[str, float]:
         loss, acc = evaluate(self.model, self.test)
@@ -347,8 +430,9 @@ class Server:
         t2 = time.monotonic()
         t1 = t2 - self.comm_s  # averaging and sending happen inside the wait, bucket by bucket
         optimizer_step(self.optimizer, t, self.step, self.total_steps)
+        self.healthy = healthy = self._check_replica()
         last = self.step == self.total_steps - 1
-        if last or (c.checksum_steps and (self.step + 1) % c.checksum_steps == 0):
+        if healthy and (last or (c.checksum_steps and (self.step + 1) % c.checksum_steps == 0)):
             self.checksums[self.step] = self.flat.checksum()
         t3 = time.monotonic()
         self.step_times.append(t3 - t0)
@@ -362,7 +446,8 @@ class Server:
             "net/bytes_out": self.avg.bytes_out,
             "workers/present": len(arrived), "workers/connected": len(self.workers),
             "workers/late_gradients": self.step_late,
-            "workers/rejected_gradients": sum(1 for p in arrived if not all(p.inbox.finite)),
+            "workers/rejected_gradients": sum(1 for p in arrived if not all(p.inbox.finite) or any(p.inbox.outlier)),
+            "train/rollbacks": self.counters.rollbacks,
         }
         if t.track_gradients:
             metrics.update({f"grad_norm/{k}": v for k, v in self.flat.layer_grad_norms().items()})
@@ -398,12 +483,23 @@ class Server:
                         f"{self.total_steps - self.step} steps ({self.steps_per_epoch} per epoch)")
             t_train = time.monotonic()
             start = self.step
+            self.snapshot.take(start)
             bar = Progress(self.total_steps, "server", initial=start)
+            resync = False
             for self.step in range(start, self.total_steps):
+                if resync:  # this step's gradients were computed from the rolled-back parameters
+                    self._resync_all()
+                    resync = False
+                    bar.update(1)
+                    continue
                 self._inject()
                 metrics = self._train_step()
+                resync = not self.healthy
                 bar.update(1, loss=f"{self.flat.loss:.4f}", workers=metrics["workers/present"])
             bar.close()
+            if resync:  # the last step was rolled back: hand the workers the state the run ends with
+                self._resync_all()
+                self.checksums[self.total_steps - 1] = self.flat.checksum()
             train_s = time.monotonic() - t_train
             self._await_final_checksums()
             final = self._evaluate()
@@ -456,6 +552,8 @@ class Server:
             "step_ms": step_ms_stats(self.step_times),
             "late_gradients": self.counters.late,
             "nonfinite_gradients": self.counters.nonfinite,
+            "outlier_gradients": self.counters.outliers,
+            "rollbacks": self.counters.rollbacks,
             "workers_dropped": self.counters.dropped,
             "workers_rejoined": self.counters.rejoined,
             "connections_refused": self.counters.refused,

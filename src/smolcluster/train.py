@@ -43,10 +43,16 @@ def learning_rate(cfg: TrainingConfig, step: int, total_steps: int) -> float:
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, cfg: TrainingConfig, step: int, total_steps: int) -> None:
-    """Apply the gradients now in `.grad` with this step's learning rate (server and workers alike)."""
+    """Apply the gradients now in `.grad` with this step's learning rate (server and workers alike).
+
+    With `max_grad_norm` the averaged gradient is clipped first; every replica holds the same
+    average and runs the same code, so every replica clips it identically."""
     lr = learning_rate(cfg, step, total_steps)
     for group in optimizer.param_groups:
         group["lr"] = lr
+    if cfg.max_grad_norm:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm, foreach=True)
     optimizer.step()
 
 

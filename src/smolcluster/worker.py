@@ -45,6 +45,14 @@ class ServerLost(WorkerError):
     """The connection to the server broke (it may come back: see cluster.reconnect)."""
 
 
+class Resynced(Exception):
+    """The server rolled its replica back and sent it to us: training goes on from `step`."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"resynced to step {step}")
+        self.step = step
+
+
 def connect(host: str, port: int, timeout_s: float) -> socket.socket:
     """Dial the server, retrying with backoff (0.1 s doubling to 2 s) until `timeout_s` seconds pass."""
     start = time.monotonic()
@@ -99,6 +107,7 @@ class Worker:
         self._send_lock = threading.Lock()
         self._last_send = time.monotonic()
         self._lost_at: float | None = None  # when the server went away, while we try to get it back
+        self._training = False  # a PARAMS frame now is a resync after the server rolled back
 
     # --- I/O ------------------------------------------------------------------------------------
 
@@ -164,7 +173,21 @@ class Worker:
             if header.type == MsgType.ERROR:
                 raise WorkerError(f"the {self.peer} ended our session: {body.get('error', '?')}")
             raise WorkerError(f"the server refused worker {self.id}: {body.get('reason', '?')}")
+        if header.type == MsgType.PARAMS and self._training:
+            self._resync(header.step)
         return header, payload
+
+    def _resync(self, step: int) -> None:
+        """The parameters already landed in place; take the optimizer state too, then start over at `step`."""
+        _, state = self._expect(MsgType.STATE, step, self.cfg.cluster.worker_timeout)
+        try:
+            decode_state(self.optimizer, bytes(state), self.peer)
+        except CheckpointError as e:
+            raise WorkerError(str(e)) from None
+        assert self.exchange is not None
+        self.exchange.restart()
+        logger.warning(f"the server rolled back its replica; resynced to its parameters, training on from step {step}")
+        raise Resynced(step)
 
     def _expect(self, mtype: MsgType, step: int, timeout: float) -> tuple[Header, memoryview]:
         while True:
@@ -261,8 +284,14 @@ class Worker:
             start = self._sync()
             self._lost_at = None
             logger.info(f"received the parameters and optimizer state; training from step {start}")
+            self._training = True
             self._train(start, total)
-            header, payload = self._expect(MsgType.DONE, total, c.worker_timeout)
+            while True:
+                try:
+                    header, payload = self._expect(MsgType.DONE, total, c.worker_timeout)
+                    break
+                except Resynced:  # the last step was rolled back: confirm we hold what the server holds
+                    self._send(MsgType.CHECKSUM, {"crc": self.flat.checksum()}, step=total - 1)
             done = wire.decode_json(payload, header, self.peer)
             logger.info(f"training done; the server reports test accuracy {done.get('test_accuracy', 0):.2f}%")
             return done
@@ -274,6 +303,7 @@ class Worker:
                 self._lost_at = time.monotonic()
             return None
         finally:
+            self._training = False
             stop.set()
             if beats.is_alive():
                 beats.join(timeout=5.0)  # a daemon thread alive at exit can abort the interpreter
@@ -283,39 +313,50 @@ class Worker:
             self.sock.close()
 
     def _train(self, start: int, total: int) -> None:
-        c, t = self.cfg.cluster, self.cfg.training
         bar = Progress(total, f"worker {self.id}", initial=start)
-        epoch, batches = -1, []
-        for step in range(start, total):
-            if step // self.steps_per_epoch != epoch:
-                epoch = step // self.steps_per_epoch
-                batches = list(data.epoch_order(len(self.train), c.seed, epoch, self.id).split(t.batch_size))
-            idx = batches[step % self.steps_per_epoch]
-            t0 = time.monotonic()
-            self.flat.zero_grad()
-            loss = loss_fn(self.model(self.train.x[idx]), self.train.y[idx])
-            loss = self._inject(step, loss)
-            self.flat.loss = loss.item()
-            assert self.exchange is not None
-            self.exchange.begin(step, len(idx))
-            loss.backward()
-            self.exchange.finish_backward()
-            t1 = time.monotonic()
-            while True:
-                header, _ = self._expect(MsgType.AVG, step, c.worker_timeout)
-                if self.exchange.land(header):
-                    break
-            t2 = time.monotonic()
-            optimizer_step(self.optimizer, t, step, total)
-            if step == total - 1 or (c.checksum_steps and (step + 1) % c.checksum_steps == 0):
-                self._send(MsgType.CHECKSUM, {"crc": self.flat.checksum()}, step=step)
-            t3 = time.monotonic()
-            self.tracker.log({
-                "worker/loss": loss.item(), "worker/global_loss": self.flat.loss,
-                "time/compute_s": (t1 - t0) + (t3 - t2), "time/communicate_s": t2 - t1, "time/step_s": t3 - t0,
-            }, step)
+        self._epoch, self._batches = -1, []
+        step = start
+        while step < total:
+            try:
+                self._step(step, total)
+            except Resynced as r:  # this step is abandoned; the server goes on at r.step
+                bar.update(r.step - step)
+                step = r.step
+                continue
             bar.update(1, loss=f"{self.flat.loss:.4f}")
+            step += 1
         bar.close()
+
+    def _step(self, step: int, total: int) -> None:
+        c, t = self.cfg.cluster, self.cfg.training
+        if step // self.steps_per_epoch != self._epoch:
+            self._epoch = step // self.steps_per_epoch
+            self._batches = list(data.epoch_order(len(self.train), c.seed, self._epoch, self.id).split(t.batch_size))
+        idx = self._batches[step % self.steps_per_epoch]
+        t0 = time.monotonic()
+        self.flat.zero_grad()
+        loss = loss_fn(self.model(self.train.x[idx]), self.train.y[idx])
+        self.flat.loss = loss.item()
+        loss = self._inject(step, loss)
+        assert self.exchange is not None
+        own_loss = self.flat.loss
+        self.exchange.begin(step, len(idx))
+        loss.backward()
+        self.exchange.finish_backward()
+        t1 = time.monotonic()
+        while True:
+            header, _ = self._expect(MsgType.AVG, step, c.worker_timeout)
+            if self.exchange.land(header):
+                break
+        t2 = time.monotonic()
+        optimizer_step(self.optimizer, t, step, total)
+        if step == total - 1 or (c.checksum_steps and (step + 1) % c.checksum_steps == 0):
+            self._send(MsgType.CHECKSUM, {"crc": self.flat.checksum()}, step=step)
+        t3 = time.monotonic()
+        self.tracker.log({
+            "worker/loss": own_loss, "worker/global_loss": self.flat.loss,
+            "time/compute_s": (t1 - t0) + (t3 - t2), "time/communicate_s": t2 - t1, "time/step_s": t3 - t0,
+        }, step)
 
     def _inject(self, step: int, loss: torch.Tensor) -> torch.Tensor:
         """Apply this step's injected fault, after forward and before anything of the step is sent."""
@@ -344,5 +385,8 @@ class Worker:
             with self._send_lock:
                 self.sock.sendall(random.Random(step).randbytes(256))
         elif fault.kind == "nan":
+            self.flat.loss = float("nan")
             return loss * float("nan")  # every gradient of the step becomes NaN
+        elif fault.kind == "scale":
+            return loss * fault.arg  # backward is linear: every gradient of the step scales, the loss slot does not
         return loss
