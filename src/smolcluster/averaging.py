@@ -51,13 +51,18 @@ class Inbox:
         return all(g == step for g in self.got)
 
 
+ALWAYS_ADMITTED = 1.0
+"""A bucket norm this small is never absurd: a model near zero loss has tiny gradients whose
+ratios are noise (a batch at 1e-3 after a run of 1e-5 is not a fault)."""
+
+
 class Admission:
     """Rejects a bucket whose norm is more than `factor` times what is normal for that bucket.
 
     Normal is the median of the last `window` accepted norms of the bucket; until `warmup` of
     them exist it is the lower median of this step's norms (for two workers, the smaller one),
     so a single broken worker is caught from step 0. A norm that overflows float32 (values past
-    ~1e19) is always absurd. A broken gradient of 1e19 is finite and passes the NaN check, but
+    ~1e19) is always absurd, and one of at most ALWAYS_ADMITTED never is. A broken gradient of 1e19 is finite and passes the NaN check, but
     it drives Adam's second moment so high that the model stops learning for thousands of steps.
     """
 
@@ -71,7 +76,7 @@ class Admission:
             return math.inf
         seen = sorted(self.history[b]) if len(self.history[b]) >= self.warmup else sorted(norms)
         normal = seen[(len(seen) - 1) // 2] if len(seen) > 1 else 0.0
-        return self.factor * normal if normal > 0 else math.inf
+        return max(self.factor * normal, ALWAYS_ADMITTED) if normal > 0 else math.inf
 
     def accept(self, b: int, norm: float) -> None:
         self.history[b].append(norm)
