@@ -7,11 +7,15 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from loguru import logger
 
 from smolcluster import log
-from smolcluster.config import DEFAULT_CLUSTER, Config, ConfigError, load_config
+from smolcluster.config import DEFAULT_CLUSTER, Config, ConfigError, ModelConfig, load_config
+
+if TYPE_CHECKING:
+    from smolcluster.data import Split
 
 EPILOG = "Config keys and their defaults: see README.md, or configs/*.yaml."
 
@@ -203,20 +207,39 @@ def _run(args: argparse.Namespace, cfg: Config, passthrough: list[str]) -> int:
 
 def _eval(args: argparse.Namespace, cfg: Config, _: list[str]) -> int:
     from smolcluster import data
-    from smolcluster.config import DatasetConfig, build
-    from smolcluster.results import load_model
+    from smolcluster.results import load_model, saved_data
     from smolcluster.train import evaluate
 
-    model, _model_cfg, meta = load_model(Path(args.model_path))
+    path = Path(args.model_path)
+    model, model_cfg, meta = load_model(path)
     # The dataset the model was trained on, unless the command line names another.
     dataset, seed = cfg.dataset, cfg.cluster.seed
-    if "smolcluster.dataset" in meta and not any(o.startswith("dataset.") for o in args.overrides):
-        dataset = build(DatasetConfig, json.loads(meta["smolcluster.dataset"]), "dataset")
-        seed = int(meta.get("smolcluster.seed", seed))
+    saved_dataset, saved_seed = saved_data(path, meta)
+    if saved_dataset is not None and not any(o.startswith("dataset.") for o in args.overrides):
+        dataset, seed = saved_dataset, seed if saved_seed is None else saved_seed
     test = data.load_split(dataset, "test", seed)
+    _check_fits(path, model_cfg, test)
     loss, acc = evaluate(model, test)
     print(f"test accuracy: {acc:.2f}% (loss {loss:.4f}, {len(test)} samples)", flush=True)
     return 0
+
+
+def _check_fits(path: Path, model_cfg: ModelConfig, test: Split) -> None:
+    """A model whose sizes agree with its own tensors can still not fit the data: say which size."""
+    from smolcluster.results import ModelFileError, describe_config
+
+    if not len(test):
+        return
+    features, classes = test.x[0].numel(), int(test.y.max()) + 1
+    if model_cfg.type != "CNN" and model_cfg.input_dim != features:
+        raise ModelFileError(f"{path}: the model takes {model_cfg.input_dim} inputs ({describe_config(model_cfg)}), "
+                             f"the test data has {features} per sample")
+    if model_cfg.type == "CNN" and 28 >> len(model_cfg.channels) == 0:
+        raise ModelFileError(f"{path}: the model's {len(model_cfg.channels)} pooling stages ({describe_config(model_cfg)}) "
+                             "shrink 28x28 images to nothing")
+    if model_cfg.out < classes:
+        raise ModelFileError(f"{path}: the model has {model_cfg.out} outputs ({describe_config(model_cfg)}), "
+                             f"the test data has {classes} classes")
 
 
 def _hosts(args: argparse.Namespace, cfg: Config, _: list[str]) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from smolcluster.config import ConfigError, ModelConfig, build
+from smolcluster.config import ConfigError, DatasetConfig, ModelConfig, build
 
 
 class ModelFileError(RuntimeError):
@@ -42,7 +43,12 @@ def save_model(model: nn.Module, model_cfg: ModelConfig, path: Path, extra: dict
 
 
 def load_model(path: Path) -> tuple[nn.Module, ModelConfig, dict[str, str]]:
-    """Rebuild a saved model; safetensors holds only tensors and strings, so this runs no code."""
+    """Rebuild a saved model; safetensors holds only tensors and strings, so this runs no code.
+
+    The metadata's model config and the tensors are checked against each other (names, shapes,
+    dtypes) before the model is built: a file whose parts disagree is a ModelFileError naming the
+    first difference, and a config claiming absurd sizes allocates nothing.
+    """
     from safetensors import safe_open
 
     try:
@@ -50,16 +56,64 @@ def load_model(path: Path) -> tuple[nn.Module, ModelConfig, dict[str, str]]:
             meta = f.metadata() or {}
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as e:
-        raise ModelFileError(f"{path}: not a readable safetensors file ({e})") from None
+        raise ModelFileError(f"{path}: not a readable safetensors file ({str(e)[:200]})") from None
     if "smolcluster.model" not in meta:
         raise ModelFileError(f"{path}: no smolcluster model config in its metadata")
-    try:
-        cfg = build(ModelConfig, json.loads(meta["smolcluster.model"]), "model")
-    except (ConfigError, json.JSONDecodeError) as e:
-        raise ModelFileError(f"{path}: its model config is not usable ({e})") from None
+    cfg = _metadata_config(path, meta, "smolcluster.model", ModelConfig)
+    check_tensors(path, cfg, tensors)
     model = build_model(cfg, 0)
     model.load_state_dict(tensors)
     return model, cfg, meta
+
+
+def _metadata_config(path: Path, meta: dict[str, str], key: str, cls: type) -> Any:
+    """A config section stored as JSON in the metadata, validated like a config file."""
+    try:
+        return build(cls, json.loads(meta[key]), key.removeprefix("smolcluster."))
+    except (ConfigError, json.JSONDecodeError, RecursionError) as e:
+        raise ModelFileError(f"{path}: metadata {key} is not usable ({str(e)[:300]})") from None
+
+
+def describe_config(cfg: ModelConfig) -> str:
+    """'SimpleNN input_dim=784 hidden=64 out=10': what a mismatch error says the metadata claims."""
+    sizes = f"input_dim={cfg.input_dim} " if cfg.type != "CNN" else f"channels={cfg.channels} "
+    return f"{cfg.type} {sizes}hidden={cfg.hidden} out={cfg.out}"
+
+
+def check_tensors(path: Path, cfg: ModelConfig, tensors: dict[str, Any]) -> None:
+    """The tensors `cfg` implies, name by name and shape by shape, or a ModelFileError naming the
+    first that differs. The model is built on torch's meta device: shapes only, no memory."""
+    import torch
+
+    with torch.device("meta"):
+        expected = {k: list(v.shape) for k, v in build_model(cfg, 0).state_dict().items()}
+    claims = f"its metadata says {describe_config(cfg)}"
+    missing = [k for k in expected if k not in tensors]
+    if missing:
+        raise ModelFileError(f"{path}: tensor {missing[0]} is missing ({claims}, which has "
+                             f"{len(expected)} tensors: {', '.join(list(expected)[:8])})")
+    extra = [k for k in tensors if k not in expected]
+    if extra:
+        raise ModelFileError(f"{path}: tensor {extra[0][:100]} is not part of the model ({claims}, "
+                             f"which has {len(expected)} tensors: {', '.join(list(expected)[:8])})")
+    for name, shape in expected.items():
+        if list(tensors[name].shape) != shape:
+            raise ModelFileError(f"{path}: tensor {name} is {list(tensors[name].shape)} in the file, but {claims}, "
+                                 f"which makes it {shape}")
+        if not tensors[name].is_floating_point():
+            raise ModelFileError(f"{path}: tensor {name} is {tensors[name].dtype}, expected floating point")
+
+
+def saved_data(path: Path, meta: dict[str, str]) -> tuple[DatasetConfig | None, int | None]:
+    """The dataset and seed a model was trained on, from its metadata (None where not recorded)."""
+    dataset = _metadata_config(path, meta, "smolcluster.dataset", DatasetConfig) if "smolcluster.dataset" in meta else None
+    seed = None
+    if "smolcluster.seed" in meta:
+        text = meta["smolcluster.seed"].strip()
+        if not re.fullmatch(r"-?\d{1,18}", text):  # what torch's generators take
+            raise ModelFileError(f"{path}: metadata smolcluster.seed: expected an integer, got {text[:50]!r}")
+        seed = int(text)
+    return dataset, seed
 
 
 def write_summary(summary: dict[str, Any], path: Path) -> None:

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -181,13 +182,30 @@ def test_a_dying_worker_stops_the_run_and_is_named(tmp_path):
     [
         (["--set", "training.batch_sise=3"], "--set training.batch_sise: unknown key; known keys are batch_size"),
         (["--workers", "0"], "--workers (cluster.num_workers): expected an integer >= 1, got 0"),
+        (["--set", "training.learning_rate=.nan"], "--set training.learning_rate: expected a finite number, got nan"),
+        (["--set", "cluster.step_timeout=inf"], "--set cluster.step_timeout: expected a finite number, got 'inf'"),
     ],
 )
 def test_config_errors_exit_2_naming_the_key(args, message):
+    t0 = time.monotonic()
     result = cli("run", *args)
     assert result.returncode == 2, result.stderr
     assert f"config error: {message}" in result.stderr
     assert result.stdout == ""
+    assert time.monotonic() - t0 < 15, "a config error needs no torch and no child process"
+
+
+def test_a_yaml_alias_bomb_is_exit_2_at_once_with_a_short_error(tmp_path):
+    """'Billion laughs': 9 nested anchors of 9 aliases each, ~330 bytes standing for 9**9 values."""
+    levels = [f"&a [{','.join(['lol'] * 9)}]"] + [f"&{b} [{','.join([f'*{a}'] * 9)}]" for a, b in zip("abcdefgh", "bcdefghi")]
+    bomb = tmp_path / "nn.yaml"
+    bomb.write_text(f"training:\n  batch_size: [{','.join(levels)}]\n")
+    t0 = time.monotonic()
+    result = cli("run", "--nn-config", str(bomb), timeout=30)
+    seconds = time.monotonic() - t0
+    assert result.returncode == 2 and seconds < 10, (result.returncode, seconds)
+    assert f"config error: {bomb}: YAML aliases expand to more than 10000 values" in result.stderr
+    assert len(result.stderr) < 1000 and "Traceback" not in result.stderr, result.stderr[:2000]
 
 
 def test_run_on_a_busy_port_says_so(tmp_path):
