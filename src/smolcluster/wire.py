@@ -1,23 +1,33 @@
 """The wire protocol: versioned, length-prefixed binary frames. No pickle, ever.
 
-A frame is a fixed 36-byte header followed by `length` payload bytes:
+A frame is a fixed 36-byte header, then `length` payload bytes, then an 8-byte checksum trailer:
 
-    offset size field
-    0      4    magic    b"SMCL"
-    4      1    version  PROTOCOL_VERSION
-    5      1    type     MsgType
-    6      1    dtype    DType of a tensor payload (NONE for JSON / empty, RAW for safetensors)
-    7      1    flags    reserved, 0
-    8      4    worker   worker id (1..N; 0 for the server)
-    12     8    step     training step the frame belongs to
-    20     8    offset   first element of a tensor payload within the flat buffer
-    28     4    count    samples behind a gradient (GRAD); 0 otherwise
-    32     4    length   payload bytes
+    offset     size   field
+    0          4      magic    b"SMCL"
+    4          1      version  PROTOCOL_VERSION
+    5          1      type     MsgType
+    6          1      dtype    DType of a tensor payload (NONE for JSON / empty, RAW for safetensors)
+    7          1      flags    reserved, 0
+    8          4      worker   worker id (1..N; 0 for the server)
+    12         8      step     training step the frame belongs to
+    20         8      offset   first element of a tensor payload within the flat buffer
+    28         4      count    samples behind a gradient (GRAD); 0 otherwise
+    32         4      length   payload bytes
+    36         length payload  the frame's payload
+    36+length  8      trailer  xxh3_64 digest of the header's 36 bytes followed by the payload
 
-all big-endian. Tensor payloads are raw little-endian element bytes of one contiguous slice of
-the flat parameter order; control payloads are UTF-8 JSON objects of at most MAX_JSON bytes. A
-receiver checks every length against what the model implies *before* it reads the payload, and
-reads tensor payloads straight into preallocated buffers with `recv_into`.
+all big-endian (the digest too: xxhash's canonical form). Tensor payloads are raw little-endian
+element bytes of one contiguous slice of the flat parameter order; control payloads are UTF-8 JSON
+objects of at most MAX_JSON bytes. A receiver checks every length against what the model implies
+*before* it reads the payload, and reads tensor payloads straight into preallocated buffers with
+`recv_into`.
+
+The trailer is checked after the payload arrived and *before* the frame is handed on: a peer that
+announces more bytes than it sends (so the next frame's bytes would be read as payload), or any
+other misaligned or corrupted frame, is a ProtocolError and nothing of it is used. Skipped payloads
+are hashed too, so a misaligned stream is caught whatever the receiver does with the bytes.
+xxh3_64 is no MAC: it catches broken peers and corrupted or misaligned streams, not a forger on the
+path (TLS is for that).
 """
 
 from __future__ import annotations
@@ -29,12 +39,16 @@ import ssl
 import struct
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
+
+import xxhash
 
 MAGIC = b"SMCL"
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 HEADER = struct.Struct("!4sBBBBIQQII")
 HEADER_SIZE = HEADER.size
+TRAILER_SIZE = 8
+"""The xxh3_64 digest after every payload: a frame is HEADER_SIZE + length + TRAILER_SIZE bytes."""
 MAX_JSON = 64 * 1024
 MAX_U32 = 2**32 - 1
 _SKIP_CHUNK = 64 * 1024
@@ -152,7 +166,9 @@ def decode_json(payload: bytes | bytearray | memoryview, header: Header, peer: s
     """JSON only (never pickle): a peer's bytes are data, not code."""
     try:
         obj = json.loads(bytes(payload).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except RecursionError:  # e.g. 60,000 '[': the C scanner gives up; one line, not a traceback
+        raise ProtocolError(f"{peer}: {header.type.name} payload is JSON nested too deeply") from None
+    except ValueError as e:  # not UTF-8, not JSON, or an integer of more than 4300 digits
         raise ProtocolError(f"{peer}: {header.type.name} payload is not UTF-8 JSON ({e})") from None
     if not isinstance(obj, dict):
         raise ProtocolError(f"{peer}: {header.type.name} payload is not a JSON object")
@@ -160,14 +176,26 @@ def decode_json(payload: bytes | bytearray | memoryview, header: Header, peer: s
 
 
 def frame(mtype: MsgType, payload: Any = b"", **fields: Any) -> list[bytes | memoryview]:
-    """Header + payload as a list of buffers for sendmsg; `payload` may be a dict (sent as JSON)."""
+    """Header, payload and trailer as a list of buffers for sendmsg (the payload is not copied);
+    `payload` may be a dict (sent as JSON). The payload must not change until it has been sent."""
     if isinstance(payload, dict):
         payload = encode_json(payload)
     view = memoryview(payload).cast("B")
     if view.nbytes > MAX_U32:
         raise ValueError(f"payload of {view.nbytes} bytes does not fit a frame")
     header = Header(mtype, length=view.nbytes, **fields).pack()
-    return [header, view] if view.nbytes else [header]
+    hasher = xxhash.xxh3_64(header)
+    hasher.update(view)
+    return [header, view, hasher.digest()] if view.nbytes else [header, hasher.digest()]
+
+
+def _check_trailer(hasher: Any, trailer: bytes | bytearray | memoryview, header: Header, peer: str) -> None:
+    """Refuse a frame whose bytes are not the ones its sender hashed (misaligned, cut, corrupted)."""
+    if hasher.digest() != bytes(trailer):
+        raise ProtocolError(
+            f"{peer}: {header.type.name} frame for step {header.step} failed its checksum: the payload is not "
+            "what was sent (a frame announced more bytes than it carried?)"
+        )
 
 
 # --- blocking I/O (workers) -------------------------------------------------------------------
@@ -196,19 +224,26 @@ def _consume(views: deque[memoryview], sent: int) -> None:
             sent = 0
 
 
-def recv_exact(sock: socket.socket, view: memoryview, peer: str) -> None:
+def recv_exact(sock: socket.socket, view: memoryview, peer: str, hasher: Any = None) -> None:
+    """Fill `view`; with a `hasher`, hash each piece as it lands (while it is still in cache)."""
     got = 0
     while got < view.nbytes:
         n = sock.recv_into(view[got:])
         if n == 0:
             raise ConnectionClosed(f"{peer} closed the connection")
+        if hasher is not None:
+            hasher.update(view[got : got + n])
         got += n
 
 
 def read_frame(
     sock: socket.socket, peer: str, target: Callable[[Header], memoryview | None]
 ) -> tuple[Header, memoryview]:
-    """Read one frame; tensor payloads go into `target(header)`, control payloads are returned."""
+    """Read one frame; tensor payloads go into `target(header)`, control payloads are returned.
+
+    The frame is returned only once its trailer matched (ProtocolError otherwise); a tensor payload
+    that failed has still been written into `target`'s memory, so the caller must not use it then.
+    """
     raw = bytearray(HEADER_SIZE)
     recv_exact(sock, memoryview(raw), peer)
     header = unpack_header(raw, peer)
@@ -219,7 +254,11 @@ def read_frame(
         raise ProtocolError(
             f"{peer}: {header.type.name} payload of {header.length} bytes, expected {dest.nbytes}"
         )
-    recv_exact(sock, dest, peer)
+    hasher = xxhash.xxh3_64(raw)
+    recv_exact(sock, dest, peer, hasher)
+    trailer = bytearray(TRAILER_SIZE)
+    recv_exact(sock, memoryview(trailer), peer)
+    _check_trailer(hasher, trailer, header, peer)
     return header, dest
 
 
@@ -235,94 +274,125 @@ class FrameReader:
     `target(header)` is called once the header is complete: it returns a memoryview of exactly
     `header.length` bytes to receive the payload into, `SKIP` to discard it, or None for a control
     payload (bounded by MAX_JSON, so allocating it is safe). It raises ProtocolError to refuse.
+    A frame is handed on only once its trailer matched: one that fails is a ProtocolError, and what
+    it wrote into the target's memory must not be used (the server never marks it received).
     """
 
     def __init__(self, sock: socket.socket, peer: str, target: Callable[[Header], memoryview | None]):
         self.sock, self.peer, self.target = sock, peer, target
         self._head = bytearray(HEADER_SIZE)
+        self._tail = bytearray(TRAILER_SIZE)
         self._header: Header | None = None
+        self._payload = SKIP
+        """Where the current frame's payload goes (SKIP: hashed and thrown away)."""
+        self._in_trailer = False
+        self._hasher: Any = None
         self._dest = memoryview(self._head)
         self._got = 0
         self._skip_left = 0
         self._scratch = bytearray(0)
         self._error: Exception | None = None
 
-    def read(self) -> list[tuple[Header, memoryview]]:
-        """Everything that completed; raises ConnectionClosed on EOF, ProtocolError on bad input.
+    def read(self) -> Iterator[tuple[Header, memoryview]]:
+        """Frames as they complete, until the socket has no more bytes; raises ConnectionClosed on
+        EOF and ProtocolError on bad input, after the frames that completed before it (a BYE
+        followed by a close must be seen as a BYE). Once raised, the error is raised by every later
+        call: the stream is out of step, nothing more from it can be trusted.
 
-        Frames that completed before the EOF or the bad input are returned first (a BYE followed
-        by a close must be seen as a BYE); the error is raised by the next call.
+        A generator, so that the owner handles frame k (the server marks its bucket received)
+        before `target` decides where frame k+1 goes. Were a batch collected first, a second copy
+        of a bucket in the same batch would pass the duplicate check and land over the first copy,
+        and a copy that then failed its checksum would leave its bytes under a delivered bucket.
+        Stop iterating only at a yield (a frame boundary); the next call goes on from there.
         """
         if self._error is not None:
             raise self._error
-        done: list[tuple[Header, memoryview]] = []
         try:
-            self._read_into(done)
+            while True:
+                want = self._want()
+                try:
+                    n = self.sock.recv_into(want)
+                except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    return
+                if n == 0:
+                    raise ConnectionClosed(f"{self.peer} closed the connection", self._cut_off())
+                frame = self._advance(want[:n])
+                if frame is not None:
+                    yield frame
         except (ConnectionClosed, ProtocolError) as e:
-            if not done:
-                raise
             self._error = e
-        return done
+            raise
 
-    def _read_into(self, done: list[tuple[Header, memoryview]]) -> None:
-        while True:
-            if self._skip_left:
-                if not self._scratch:
-                    self._scratch = bytearray(_SKIP_CHUNK)
-                want = memoryview(self._scratch)[: min(self._skip_left, _SKIP_CHUNK)]
-            else:
-                want = self._dest[self._got :]
-            try:
-                n = self.sock.recv_into(want)
-            except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
-                return
-            if n == 0:
-                raise ConnectionClosed(f"{self.peer} closed the connection", self._cut_off())
-            if self._skip_left:
-                self._skip_left -= n
-                if not self._skip_left:
-                    self._finish(done, SKIP)
-                continue
-            self._got += n
-            if self._got < self._dest.nbytes:
-                continue
-            if self._header is None:
-                self._start_payload(done)
-            else:
-                self._finish(done, self._dest)
+    def _want(self) -> memoryview:
+        """The memory the next recv fills: a chunk of scratch while skipping, else the rest of `_dest`."""
+        if self._skip_left:
+            if not self._scratch:
+                self._scratch = bytearray(_SKIP_CHUNK)
+            return memoryview(self._scratch)[: min(self._skip_left, _SKIP_CHUNK)]
+        return self._dest[self._got :]
+
+    def _advance(self, got: memoryview) -> tuple[Header, memoryview] | None:
+        """Account for `got` (just received); the frame, once its trailer is in and matches."""
+        if self._header is not None and not self._in_trailer:
+            self._hasher.update(got)  # payload bytes, hashed while they are still in cache
+        if self._skip_left:
+            self._skip_left -= got.nbytes
+            if not self._skip_left:
+                self._start_trailer()
+            return None
+        self._got += got.nbytes
+        if self._got < self._dest.nbytes:
+            return None
+        if self._header is None:
+            self._start_payload()
+        elif not self._in_trailer:
+            self._start_trailer()
+        else:
+            return self._finish()
+        return None
 
     def _cut_off(self) -> str:
         """Where a frame was cut by the EOF, if it was: the log should say a frame was lost."""
         if self._header is not None:
+            name = self._header.type.name
+            if self._in_trailer:
+                return f" in the middle of a {name} frame (its checksum: {self._got} of {TRAILER_SIZE} bytes)"
             got = self._header.length - self._skip_left if self._skip_left else self._got
-            return f" in the middle of a {self._header.type.name} frame ({got} of {self._header.length} payload bytes)"
+            return f" in the middle of a {name} frame ({got} of {self._header.length} payload bytes)"
         if self._got:
             return f" in the middle of a frame header ({self._got} of {HEADER_SIZE} bytes)"
         return ""
 
-    def _start_payload(self, done: list[tuple[Header, memoryview]]) -> None:
+    def _start_payload(self) -> None:
         header = unpack_header(self._head, self.peer)
         dest = self.target(header)
-        self._header, self._got = header, 0
+        self._header, self._got, self._hasher = header, 0, xxhash.xxh3_64(self._head)
         if dest is SKIP:
-            self._skip_left = header.length
+            self._payload, self._skip_left = SKIP, header.length
         elif dest is None:
             if header.dtype != DType.NONE:
                 raise ProtocolError(f"{self.peer}: unexpected {header.type.name} frame")
-            self._dest = memoryview(bytearray(header.length))
+            self._payload = self._dest = memoryview(bytearray(header.length))
         elif dest.nbytes != header.length:
             raise ProtocolError(
                 f"{self.peer}: {header.type.name} payload of {header.length} bytes, expected {dest.nbytes}"
             )
         else:
-            self._dest = dest
+            self._payload = self._dest = dest
         if header.length == 0:
-            self._finish(done, SKIP if dest is SKIP else self._dest)
+            self._start_trailer()
 
-    def _finish(self, done: list[tuple[Header, memoryview]], payload: memoryview) -> None:
-        assert self._header is not None
-        done.append((self._header, payload))
-        self._header, self._dest, self._got, self._skip_left = None, memoryview(self._head), 0, 0
+    def _start_trailer(self) -> None:
+        self._in_trailer, self._dest, self._got = True, memoryview(self._tail), 0
+
+    def _finish(self) -> tuple[Header, memoryview]:
+        """The trailer is in: hand the frame on only if it is the frame that was sent."""
+        header, payload = self._header, self._payload
+        assert header is not None
+        _check_trailer(self._hasher, self._tail, header, self.peer)
+        self._header, self._payload, self._hasher, self._in_trailer = None, SKIP, None, False
+        self._dest, self._got, self._skip_left = memoryview(self._head), 0, 0
+        return header, payload
 
 
 class FrameWriter:
