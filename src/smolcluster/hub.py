@@ -7,6 +7,8 @@ past its bound is dropped, and anything malformed closes only that peer's connec
 
 from __future__ import annotations
 
+import errno
+import select
 import selectors
 import socket
 import ssl
@@ -17,9 +19,16 @@ from typing import Any, Protocol
 from loguru import logger
 
 from smolcluster import wire
+from smolcluster.admission import BUSY_FRAME, Admission, fd_soft_limit
 from smolcluster.wire import Header, MsgType, ProtocolError
 
 CLOSE_GRACE_S = 1.0
+ACCEPT_BATCH = 256
+"""Connections accepted per pass of the loop at most: a flood's backlog must not starve the workers' sockets."""
+LISTEN_BACKLOG = 1024
+"""Completed connections the kernel holds for us between passes (capped by somaxconn; macOS: 128)."""
+ACCEPT_PAUSE_S = 0.5
+"""How long the listener rests when accept() fails with nothing left to shed (instead of spinning)."""
 
 
 @dataclass(eq=False)
@@ -43,6 +52,8 @@ class Peer:
     closing: str = ""
     """Why it is being closed once its last frame (REJECT, ERROR) is out; nothing more is read."""
     closing_since: float = 0.0
+    host: str = ""
+    """Source address without the port: connections waiting for a handshake are capped per host."""
 
     @property
     def name(self) -> str:
@@ -68,6 +79,11 @@ class Hub:
         self.sel = selectors.DefaultSelector()
         self.listener = self._listen(host, port)
         self._last_beat = time.monotonic()
+        self.admission = Admission.for_fd_limit(fd_soft_limit())
+        self._paused_until: float | None = None
+        """While accept() is starved of descriptors with nothing to shed: when the listener is re-registered."""
+        self._starved: list[float] = []
+        """The current episode of accept() failures: [first, last, count]; empty outside one."""
 
     def _listen(self, host: str, port: int) -> socket.socket:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -78,30 +94,114 @@ class Hub:
         except OSError as e:
             sock.close()
             raise OSError(e.errno, f"cannot listen on {host}:{port}: {e.strerror}") from None
-        sock.listen(64)
+        sock.listen(LISTEN_BACKLOG)
         sock.setblocking(False)
         self.sel.register(sock, selectors.EVENT_READ, None)
         self.port = sock.getsockname()[1]
         return sock
 
     def _accept(self) -> None:
+        """Accept until the backlog is empty, ACCEPT_BATCH at most per pass; accept() errors never propagate."""
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, addr = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                if e.errno in (errno.ECONNABORTED, errno.EPROTO):
+                    continue  # the client gave up while it waited in the backlog
+                if self._accept_failed(e):
+                    continue
+                return
+            self._admit(sock, addr)
+
+    def _admit(self, sock: socket.socket, addr: Any) -> None:
+        """Set up a new connection, shedding the oldest unauthenticated ones past the caps."""
+        peer = Peer(sock, f"{addr[0]}:{addr[1]}", host=str(addr[0]))
         try:
-            sock, addr = self.listener.accept()
-        except (BlockingIOError, InterruptedError):
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.tls is not None:
+                sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+                peer.sock, peer.handshaking = sock, True
+            self.sel.register(sock, selectors.EVENT_READ, peer)
+        except (OSError, ValueError) as e:  # reset before we got to it (macOS: EINVAL), or the selector is full
+            sock.close()
+            logger.debug(f"connection from {peer.addr} lost while accepting it: {e}")
             return
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        peer = Peer(sock, f"{addr[0]}:{addr[1]}")
-        if self.tls is not None:
-            sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-            peer.sock, peer.handshaking = sock, True
         peer.reader = wire.FrameReader(sock, peer.addr, lambda h, p=peer: self.handler.target(p, h))
         peer.writer = wire.FrameWriter(sock)
         self.peers.append(peer)
-        self.sel.register(sock, selectors.EVENT_READ, peer)
         logger.debug(f"connection from {peer.addr}")
+        for victim in self.admission.add(peer):
+            self._shed(victim)
         if not peer.handshaking:
             self.handler.on_connect(peer)
+
+    def _shed(self, peer: Peer) -> None:
+        """Close an unauthenticated connection at once (a graceful close lingers and holds its descriptor).
+
+        A plain one first gets one non-blocking try at the BUSY frame, and its unread input is
+        drained: closing with input unread makes the kernel send a reset, which can destroy it.
+        """
+        self.admission.remove(peer)
+        if not (peer.handshaking or peer.closing or peer.writer.pending or isinstance(peer.sock, ssl.SSLSocket)):
+            try:
+                peer.sock.send(BUSY_FRAME)
+                peer.sock.recv(65536)
+            except OSError:
+                pass
+        self.peers.remove(peer)
+        self.sel.unregister(peer.sock)
+        peer.sock.close()
+        self.admission.shed += 1
+        self.admission.shed_total += 1
+
+    def _accept_failed(self, e: OSError) -> bool:
+        """accept() failed (EMFILE, ENFILE, ENOBUFS...): shed the oldest unauthenticated connection and
+        try again (True), or with none to shed rest the listener for ACCEPT_PAUSE_S instead of spinning
+        on a backlog that stays readable. Logged once per episode, not per failure."""
+        if e.errno in (errno.EMFILE, errno.ENFILE) and not self._connection_waiting():
+            return False  # accept() says EMFILE before it looks at the backlog: nobody is waiting
+        now = time.monotonic()
+        if not self._starved:
+            self._starved = [now, now, 0]
+            logger.warning(f"cannot accept connections: {e.strerror or e} (open-file soft limit {fd_soft_limit()}); "
+                           f"shedding connections that have not authenticated, resting {ACCEPT_PAUSE_S:g} s at a "
+                           "time when none are left")
+        self._starved[1:] = [now, self._starved[2] + 1]
+        victim = self.admission.oldest() if e.errno in (errno.EMFILE, errno.ENFILE) else None
+        if victim is not None:
+            self._shed(victim)
+            return True
+        if self._paused_until is None:
+            self.sel.unregister(self.listener)
+        self._paused_until = now + ACCEPT_PAUSE_S
+        return False
+
+    def _connection_waiting(self) -> bool:
+        """Whether the backlog holds a connection (poll() needs no descriptor, unlike a selector)."""
+        poll = select.poll()
+        poll.register(self.listener, select.POLLIN)
+        return bool(poll.poll(0))
+
+    def _resume_accepting(self, now: float) -> None:
+        if self._paused_until is not None and now >= self._paused_until:
+            self._paused_until = None
+            self.sel.register(self.listener, selectors.EVENT_READ, None)
+
+    def _report_admission(self, now: float) -> None:
+        """At most one summary line per second: sheds, quiet closes, and the end of a starved episode."""
+        if now - self.admission.window < 1.0:
+            return
+        line = self.admission.summary(now)
+        if line:
+            logger.warning(line)
+        if self._starved and self._paused_until is None and now - self._starved[1] >= 1.0:
+            first, _, failures = self._starved
+            logger.info(f"accepting connections normally again after {now - first:.1f} s "
+                        f"({failures} accept() failures)")
+            self._starved = []
 
     def send(self, peer: Peer, buffers: list[Any]) -> None:
         if peer in self.peers:
@@ -136,7 +236,8 @@ class Hub:
         self.peers.remove(peer)
         self.sel.unregister(peer.sock)
         peer.sock.close()
-        self.handler.on_drop(peer, why)
+        if peer.worker_id or self.admission.may_log():  # a flood's closes are counted, not logged each
+            self.handler.on_drop(peer, why)
 
     def close_after(self, peer: Peer, buffers: list[Any], why: str) -> None:
         """Send a last frame, then close; a peer that does not take it within CLOSE_GRACE_S is cut."""
@@ -169,9 +270,14 @@ class Hub:
 
     def pump(self, timeout: float) -> None:
         """Serve every socket for at most `timeout` seconds (returns after the first batch of events)."""
+        now = time.monotonic()
+        self._resume_accepting(now)
+        if self._paused_until is not None:
+            timeout = min(timeout, self._paused_until - now)
+        incoming = False
         for key, events in self.sel.select(max(timeout, 0.0)):
-            if key.data is None:
-                self._accept()
+            if key.data is None:  # accepted after the peers: newcomers must not shed a worker whose HELLO is here
+                incoming = True
                 continue
             peer: Peer = key.data
             try:
@@ -198,7 +304,10 @@ class Hub:
             except Exception as e:  # a bug or an input we did not foresee: lose the peer, not the run
                 logger.opt(exception=True).error(f"unexpected error handling {peer.name}: {e!r}")
                 self.fail(peer, f"server could not handle a frame: {e!r}")
+        if incoming:
+            self._accept()
         self._police()
+        self._report_admission(time.monotonic())
 
     def _police(self) -> None:
         """Drop silent peers; keep workers' read timeouts from firing while the server waits."""
@@ -225,6 +334,7 @@ class Hub:
             self.pump(deadline - time.monotonic())
 
     def close(self) -> None:
+        self._report_admission(max(time.monotonic(), self.admission.window + 1.0))  # the last sheds too
         for peer in list(self.peers):
             self.sel.unregister(peer.sock)
             peer.sock.close()

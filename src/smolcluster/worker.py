@@ -22,6 +22,7 @@ import torch
 from loguru import logger
 
 from smolcluster import auth, data, wire
+from smolcluster.admission import BUSY
 from smolcluster.buckets import make_buckets
 from smolcluster.checkpoint import CheckpointError, decode_state
 from smolcluster.exchange import GradExchange
@@ -43,6 +44,11 @@ class WorkerError(RuntimeError):
 
 class ServerLost(WorkerError):
     """The connection to the server broke (it may come back: see cluster.reconnect)."""
+
+
+class HandshakeCut(ServerLost):
+    """The server cut our handshake short (closed, reset, or 'server busy': it sheds connections that
+    have not authenticated when it is flooded); another try may well go through."""
 
 
 class Resynced(Exception):
@@ -111,9 +117,9 @@ class Worker:
 
     # --- I/O ------------------------------------------------------------------------------------
 
-    def _dial(self) -> socket.socket | SharedTLS:
+    def _dial(self, timeout: float | None = None) -> socket.socket | SharedTLS:
         c = self.cfg.cluster
-        sock = connect(*self.address, c.connect_timeout)
+        sock = connect(*self.address, timeout or c.connect_timeout)
         if not c.tls_ca:
             return sock
         ctx = ssl.create_default_context(cafile=c.tls_ca)
@@ -121,7 +127,9 @@ class Worker:
             return SharedTLS(ctx.wrap_socket(sock, server_hostname=c.tls_server_name or self.address[0]))
         except (ssl.SSLError, OSError) as e:
             sock.close()
-            raise WorkerError(f"TLS with the {self.peer} failed: {e}") from None
+            # Closed or reset mid-handshake: a flooded server sheds it. A TLS error proper stays an error.
+            cut = isinstance(e, (ssl.SSLEOFError, ssl.SSLZeroReturnError)) or not isinstance(e, ssl.SSLError)
+            raise (HandshakeCut if cut else WorkerError)(f"TLS with the {self.peer} failed: {e}") from None
 
     def _send(self, mtype: MsgType, payload: Any = b"", **fields: Any) -> None:
         self._send_frames(wire.frame(mtype, payload, worker=self.id, **fields))
@@ -207,12 +215,10 @@ class Worker:
         """Prove the token (if any), present our config, and check the server proves it too."""
         timeout = self.cfg.cluster.handshake_timeout
         try:
-            challenge = self._json(MsgType.CHALLENGE, timeout)
-        except ServerLost as e:
-            if self._lost_at is not None:  # a server coming back can reset us while it restarts
-                raise
+            challenge = self._handshake_json(MsgType.CHALLENGE, timeout)
+        except HandshakeCut as e:
             hint = "" if self.cfg.cluster.tls_ca else " (if the server uses TLS, set cluster.tls_ca)"
-            raise WorkerError(f"no handshake from the {self.peer}: {e}{hint}") from None
+            raise HandshakeCut(f"no handshake from the {self.peer}: {e}{hint}") from None
         server_nonce, my_nonce = str(challenge.get("nonce", "")), auth.nonce()
         if challenge.get("auth") and self.token is None:
             raise WorkerError(f"the {self.peer} requires a cluster token: set ${auth.TOKEN_ENV} or cluster.token_file")
@@ -225,10 +231,56 @@ class Worker:
         }
         if self.token is not None:
             hello["proof"] = auth.proof(self.token, "worker", server_nonce, my_nonce, self.id)
-        self._send(MsgType.HELLO, hello)
-        welcome = self._json(MsgType.WELCOME, timeout)
+        try:
+            self._send(MsgType.HELLO, hello)
+        except ServerLost as e:
+            raise HandshakeCut(str(e)) from None
+        welcome = self._handshake_json(MsgType.WELCOME, timeout)
         if self.token is not None and not auth.verify(self.token, welcome.get("proof"), "server", server_nonce, my_nonce, self.id):
             raise WorkerError(f"the {self.peer} did not prove it knows the cluster token; not training with it")
+        return welcome
+
+    def _handshake_json(self, mtype: MsgType, timeout: float) -> dict[str, Any]:
+        """A handshake frame; the connection lost or 'server busy' instead is a HandshakeCut."""
+        try:
+            return self._json(mtype, timeout)
+        except HandshakeCut:
+            raise
+        except ServerLost as e:
+            raise HandshakeCut(str(e)) from None
+        except WorkerError as e:
+            if BUSY in str(e):
+                raise HandshakeCut(str(e)) from None
+            raise
+
+    def _join(self) -> dict[str, Any]:
+        """Dial and handshake; while the server cuts the handshake short, try again with backoff
+        until cluster.connect_timeout (counted from the loss when reconnecting)."""
+        c = self.cfg.cluster
+        deadline = (self._lost_at or time.monotonic()) + c.connect_timeout
+        delay, tries = 0.1, 1
+        while True:
+            self.sock = None
+            try:
+                self.sock = self._dial(max(deadline - time.monotonic(), 1.0))
+                welcome = self._handshake()
+                break
+            except HandshakeCut as e:
+                if self.sock is not None:
+                    self.sock.close()
+                if time.monotonic() + delay > deadline:
+                    raise WorkerError(f"{e}; gave up after {tries} tries in {c.connect_timeout:g} s "
+                                      "(cluster.connect_timeout)") from None
+                if tries == 1:
+                    logger.warning(f"{e}; trying again until cluster.connect_timeout ({c.connect_timeout:g} s)")
+            except BaseException:
+                if self.sock is not None:
+                    self.sock.close()
+                raise
+            time.sleep(delay * random.uniform(0.5, 1.0))  # jitter: retries of many workers spread out
+            delay, tries = min(delay * 2, 2.0), tries + 1
+        if tries > 1:
+            logger.info(f"the handshake with the {self.peer} went through on try {tries}")
         return welcome
 
     def _sync(self) -> int:
@@ -267,11 +319,10 @@ class Worker:
     def _session(self) -> dict[str, Any] | None:
         """One connection's worth of training; None if it broke and we should reconnect."""
         c = self.cfg.cluster
-        self.sock = self._dial()
+        welcome = self._join()
         stop = threading.Event()
         beats = threading.Thread(target=self._heartbeats, args=(self.sock, stop), daemon=True, name="heartbeat")
         try:
-            welcome = self._handshake()
             if not self._tracking:  # the server names the W&B group this worker's run belongs to
                 self.tracker = start_tracker(self.cfg, f"worker-{self.id}", welcome.get("wandb_group"))
                 self._tracking = True
