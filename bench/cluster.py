@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,17 +73,18 @@ class Cluster:
         return [*self.base, "--set", f"cluster.port={self.port}", "--set", f"cluster.num_workers={self.workers}",
                 "--set", f"training.out_dir={self.out}", *self.args]
 
-    def spawn(self, name: str, argv: list[str]) -> Proc:
+    def spawn(self, name: str, argv: list[str], preexec: Callable[[], None] | None = None) -> Proc:
+        """Start a process logging to tmp/<name>.log; `preexec` runs in the child before exec (see nofile)."""
         self.tmp.mkdir(parents=True, exist_ok=True)
         log = self.tmp / f"{name.replace(' ', '-')}.log"
         with log.open("w") as f:
             popen = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env=env(**self.extra_env), cwd=REPO,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=preexec)
         self.procs[name] = Proc(name, popen, log)
         return self.procs[name]
 
-    def start_server(self, *extra: str, name: str = "server") -> Proc:
-        return self.spawn(name, smolcluster("server", *self.common(), *extra))
+    def start_server(self, *extra: str, name: str = "server", preexec: Callable[[], None] | None = None) -> Proc:
+        return self.spawn(name, smolcluster("server", *self.common(), *extra), preexec)
 
     def start_worker(self, k: int, *extra: str, name: str | None = None) -> Proc:
         save = self.tmp / f"worker-{k}.safetensors"
@@ -138,6 +142,18 @@ class Cluster:
         return load_file(str(self.tmp / f"worker-{k}.safetensors"))
 
 
+def nofile(soft: int, hard: int | None = None) -> Callable[[], None]:
+    """A `preexec` for spawn: the child's open-file limit, as `ulimit -n` would set it (hard None: keep it).
+
+    Start such a child before any thread of this process (a flood) runs: preexec_fn and threads mix badly.
+    """
+    def limit() -> None:
+        keep = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, keep if hard is None else hard))
+
+    return limit
+
+
 def assert_same_params(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: str) -> None:
     """Bit-identical, tensor by tensor."""
     assert a.keys() == b.keys(), f"{what}: different tensors"
@@ -153,3 +169,33 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.05) -> No
             return
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+class PeakRss:
+    """Samples a process's resident memory (and open descriptors) every `every` s until `stop()`."""
+
+    def __init__(self, pid: int, every: float = 0.05) -> None:
+        import psutil
+
+        self.proc, self.every, self._stop = psutil.Process(pid), every, threading.Event()
+        self.start = self.peak = self.last = self.proc.memory_info().rss
+        self.fds_peak = self.proc.num_fds()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+
+    def _sample(self) -> None:
+        import psutil
+
+        while not self._stop.wait(self.every):
+            try:
+                self.last = self.proc.memory_info().rss
+                self.fds_peak = max(self.fds_peak, self.proc.num_fds())
+            except psutil.Error:
+                return
+            self.peak = max(self.peak, self.last)
+
+    def stop(self) -> float:
+        """Stop sampling; the growth of the peak over the start, in MiB."""
+        self._stop.set()
+        self.thread.join()
+        return (self.peak - self.start) / 2**20

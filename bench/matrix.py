@@ -95,10 +95,10 @@ class WireBytes:
 
 
 def ps_bytes(params: int, workers: int, elem_bytes: float) -> WireBytes:
-    """smolcluster: every worker sends one GRAD frame and gets one AVG frame (36-byte header each)."""
+    """smolcluster: every worker sends one GRAD frame and gets one AVG frame (36-byte header and 8-byte trailer each)."""
     frame = frame_bytes(params, elem_bytes)
     return WireBytes(2 * workers * frame, 2 * workers * frame, workers * frame, workers * frame,
-                     f"2 x {workers} frames of 36 + {elem_bytes:g} x (params + 1 loss) bytes")
+                     f"2 x {workers} frames of 36 + {elem_bytes:g} x (params + 1 loss) + 8 bytes")
 
 
 def ddp_bytes(params: int, workers: int) -> WireBytes:

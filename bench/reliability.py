@@ -31,6 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: t
 import torch
 
 from bench import reliability_doc as doc
+from bench import reliability_poison as poison
+from bench.reliability_files import file_rows
+from bench.reliability_flood import flood_rows
 from bench.cluster import REPO, Cluster, wait_for
 from bench.hostile import attacks
 from bench.logtimes import Hit, clock, elapsed, find, missing_steps, of_day
@@ -56,6 +59,8 @@ class Job:
     """Cluster settings of every run (a scenario overrides a few); the report prints them."""
     timeout_s: float = 300.0
     """A scenario still running after this long is killed and reported as hung."""
+    hang_s: float = 300.0
+    """How long a stalled worker's compute hangs (its heartbeats go on)."""
 
     @property
     def others(self) -> list[int]:
@@ -81,7 +86,7 @@ POLICY = {"min_workers": 1, "step_timeout": 2.0, "worker_timeout": 10.0, "heartb
           "handshake_timeout": 3.0, "checksum_steps": 50, "reconnect": False}
 FULL = Job("full", train_size=30000, test_size=0, fault_step=200, server_kill_step=250, checkpoint_steps=100)
 QUICK = Job("quick", train_size=6000, test_size=2000, fault_step=40, server_kill_step=60, checkpoint_steps=25,
-            workers=2, straggle_s=3.0, policy={**POLICY, "worker_timeout": 5.0}, timeout_s=180.0)
+            workers=2, straggle_s=3.0, policy={**POLICY, "worker_timeout": 5.0}, timeout_s=180.0, hang_s=40.0)
 TOKEN = "reliability report token"
 
 
@@ -454,6 +459,9 @@ SCENARIOS: dict[str, Callable[[Ctx], Row | list[Row]]] = {
     "server-death": server_death,
     "below-min": below_min,
     "hostile": hostile,
+    **poison.SCENARIOS,
+    "files": lambda ctx: file_rows(ctx.tmp / "files"),
+    "flood": flood_rows,
 }
 
 

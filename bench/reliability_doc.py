@@ -137,6 +137,58 @@ def sections(rows: list[Row], job: Job) -> list[tuple[str, list[str], str]]:
          "parameters only at a step boundary, so the step still fails.\n\n"
          "**Configure** a lower `min_workers` to keep going with fewer workers; `worker_timeout` is how long a "
          "run short of workers waits before it fails."),
+        ("Absurd but finite gradients (`outlier_factor`, rollback)", ["scale-1e19", "scale-1e30", "scale-early",
+                                                                      "scale-off", "rollback"],
+         "A gradient of 1e19 or 1e30 (a bug, an fp16 overflow) is finite, so the NaN check lets it through; "
+         "averaged in, it drives Adam's second moment to ~1e35 or to inf, and from then on every update is ~0: "
+         "the model stops learning on every replica at once, with nothing in the log (the `outlier_factor: 0` "
+         "row shows it). Each worker's gradient bucket is therefore admitted by its norm: more than "
+         "`outlier_factor` times the median of the recently accepted norms of that bucket (during the first "
+         "steps, the lower median of the step's own norms; a norm past float32's range always; one of at most 1 "
+         "never) and it is rejected like a NaN one: logged with worker, step and ratio, counted "
+         "(`outlier_gradients`), and the step averaged over the others. `training.max_grad_norm` additionally "
+         "clips the averaged gradient, identically on every replica. The last line of defence runs after every "
+         "optimizer step: if the server's parameters or optimizer state are not finite it restores its last "
+         "snapshot (taken every 20 steps), gives up the next step and sends every worker the restored "
+         "parameters and optimizer state (`rollbacks`), so no run can end with a non-finite model.\n\n"
+         "**Configure** `outlier_factor` (default 10; 0 turns the rule off) and, if you want clipping, "
+         "`training.max_grad_norm`."),
+        ("Alive but not working (`worker_timeout`, `max_send_queue_mb`)", ["stall", "stall-queue"],
+         "A worker whose compute hangs while its heartbeat thread lives used to stay in forever: every step "
+         "waited `step_timeout` for it and the server queued averages for a peer that read nothing. Liveness is "
+         "now progress: a worker that delivers no gradient for `worker_timeout` ({worker_timeout:g} s) while "
+         "the others go on is dropped, however alive its heartbeats look. And every peer's send queue is "
+         "bounded (`max_send_queue_mb`; default the larger of 16 MiB and 4 steps of averages): one that falls "
+         "further behind is dropped, so the server's memory is bounded by that per worker (plus the kernel's "
+         "socket buffer). A dropped worker with `reconnect: true` rejoins and is resynced when it wakes up.\n\n"
+         "**Configure** `worker_timeout`, `max_send_queue_mb`."),
+        ("Frame integrity (protocol v2 checksums)", ["integrity"],
+         "A peer that announces more payload than it sends and then sends its next frame used to get that "
+         "frame's bytes read as gradient. Every frame now ends with an 8-byte xxh3_64 of its header and payload, "
+         "checked as the bytes arrive and before the frame is handed on: a frame that fails is a protocol error "
+         "naming the peer, the peer is dropped, and not one byte of it reaches the average (the run ends "
+         "bit-identical to one where the rogue simply leaves). The hash runs at ~24 GB/s; "
+         "`bench/checksum_cost.py` measures its share of a step.\n\n**Configure** nothing."),
+        ("Connection floods (open-file limit, handshake caps)", [r.key for r in rows if r.key.startswith("flood-")],
+         "A few hundred connections that never finish the handshake used to exhaust the server's open files "
+         "(macOS's default soft limit is 256) and crash it. The server now raises its soft limit toward the hard "
+         "limit at start and logs it; connections that have not authenticated are capped in total and per "
+         "source address (derived from the limit: 128 and 16, or 96 and 16 under `ulimit -n 256`), the oldest "
+         "shed first with a 'server busy' ERROR; accept() errors (EMFILE) never propagate; a worker whose "
+         "handshake is cut retries until `connect_timeout`. The rows compare the median step time under 1,000 "
+         "idle or churning connections with reference runs made in turn with them.\n\n**Configure** nothing; "
+         "raise `ulimit -n` if you can."),
+        ("Damaged files: checkpoints, configs, model files", [r.key for r in rows if r.key.startswith("file-")],
+         "Nothing a file holds can crash or hang a process: every malformed file is one error line and a clear "
+         "exit code, never a traceback. A checkpoint carries the sha256 of its state file (checked before "
+         "anything is read) and every tensor and metadata field is checked against the model and optimizer "
+         "before any of it is loaded; a damaged latest checkpoint falls back to the previous one with a warning, "
+         "and only when none is usable does `server --resume` exit 1 naming each folder and why. Temp files left "
+         "by a server killed while writing a checkpoint are removed on the next save or load. YAML aliases are "
+         "bounded (10,000 values, counted without expanding them), quoted values are cut to 200 characters, and "
+         "NaN or infinities are refused for every numeric key (exit 2, naming it). `eval` names the first tensor "
+         "whose shape the model file's own metadata contradicts (exit 1).\n\n**Configure** `keep_checkpoints` "
+         "(at least 2, so there is one to fall back to)."),
         ("Hostile peers (cluster token, `handshake_timeout`, wire checks)", [r.key for r in rows if r.key.startswith("hostile-")],
          "With a cluster token (`$SMOLCLUSTER_TOKEN` or `cluster.token_file`; required off loopback) a peer must "
          "prove it knows the token (an HMAC over nonces from both sides; the token never crosses the wire). "

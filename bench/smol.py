@@ -17,13 +17,14 @@ from bench.netns import LOOPBACK, Hosts
 from bench.procs import BenchError, Group, child_env, python, set_flags
 from bench.proxy import LinkSpec
 from smolcluster.auth import TOKEN_ENV
-from smolcluster.wire import HEADER_SIZE
+from smolcluster.wire import HEADER_SIZE, TRAILER_SIZE
 
 
 
 def frame_bytes(params: int, elem_bytes: float) -> int:
-    """One GRAD or AVG frame: the 36-byte header + every parameter + the loss slot, `elem_bytes` each."""
-    return HEADER_SIZE + round((params + 1) * elem_bytes)
+    """One GRAD or AVG frame: the 36-byte header + every parameter + the loss slot, `elem_bytes` each,
+    + the 8-byte checksum trailer."""
+    return HEADER_SIZE + round((params + 1) * elem_bytes) + TRAILER_SIZE
 
 
 def run(group: Group, overrides: list[str], workers: int, timeout_s: float,

@@ -131,6 +131,6 @@ def test_quick_benchmark_writes_the_expected_json(tmp_path):
         assert row["runs"] and not row["errors"], row
         assert {"median", "min", "max"} <= row["step_ms"].keys() and row["samples_per_s"] > 0
     smol = rows[("smolcluster fp32", "loopback")]
-    assert smol["bytes"]["total"] == 2 * 2 * (36 + 4 * (101_770 + 1))  # 2 workers x GRAD + AVG frames
+    assert smol["bytes"]["total"] == 2 * 2 * (36 + 4 * (101_770 + 1) + 8)  # 2 workers x GRAD + AVG frames
     assert smol["wire_ms"] > 0 and smol["comm_ms"] is not None
     assert "| smolcluster fp32 |" in (tmp_path / "results.md").read_text()

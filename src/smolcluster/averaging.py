@@ -140,7 +140,7 @@ class Averager:
             return "late"
         inbox.got[b], inbox.count = self.step, header.count
         inbox.finite[b], inbox.outlier[b] = True, 0.0
-        self.bytes_in += wire.HEADER_SIZE + header.length
+        self.bytes_in += wire.HEADER_SIZE + header.length + wire.TRAILER_SIZE
         return "ok"
 
     def ready(self, inboxes: list[Inbox]) -> list[int]:

@@ -160,7 +160,7 @@ class ClusterConfig:
     like a NaN one, logged and counted; a norm past float32's range always is (0: off)."""
     max_send_queue_mb: float = 0.0
     """Server: a worker with more than this many MiB of frames queued that it has not read is
-    dropped (it resyncs when it rejoins); 0: the larger of 64 MiB and 4 steps of averages."""
+    dropped (it resyncs when it rejoins); 0: the larger of 16 MiB and 4 steps of averages."""
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:

@@ -290,7 +290,7 @@ class Hub:
                     for header, payload in peer.reader.read():
                         peer.last_heard = time.monotonic()
                         self.handler.on_frame(peer, header, payload)
-                        if peer not in self.peers:
+                        if peer not in self.peers or peer.closing:
                             break
                 if peer in self.peers and events & selectors.EVENT_WRITE:
                     self._flush(peer)

@@ -26,6 +26,7 @@ import torch
 from loguru import logger
 
 from smolcluster import auth, data, wire
+from smolcluster.admission import raise_fd_limit
 from smolcluster.averaging import Averager
 from smolcluster.buckets import make_buckets
 from smolcluster.checkpoint import encode_state, load_checkpoint, save_checkpoint
@@ -119,9 +120,11 @@ class Server:
         self.wandb_group = group_name(cfg)  # told to every worker, so all runs land in one W&B group
         if resume:
             self._resume()
+        fds = raise_fd_limit()  # before the hub: its caps on unauthenticated connections derive from it
         self.hub = Hub(host, c.port, self, heartbeat_s=c.heartbeat_s, silence_s=c.worker_timeout,
                        handshake_s=c.handshake_timeout, tls=self._tls(), max_queue=self._queue_limit())
         self.port = self.hub.port
+        logger.info(f"open files: {fds}; connections waiting for a handshake: {self.hub.admission}")
         logger.info(f"listening on {host}:{self.port} for {c.num_workers} workers"
                     f"{' (TLS)' if c.tls_cert else ''}{' (token required)' if self.token else ''}")
 
@@ -130,7 +133,7 @@ class Server:
         c = self.cfg.cluster
         if c.max_send_queue_mb:
             return int(c.max_send_queue_mb * 2**20)
-        return max(64 << 20, 4 * sum(self.avg.nbytes))
+        return max(16 << 20, 4 * sum(self.avg.nbytes))
 
     def _tls(self) -> ssl.SSLContext | None:
         c = self.cfg.cluster
@@ -151,7 +154,9 @@ class Server:
             raise ClusterError(f"checkpoint in {root} is from another job: " + "; ".join(diffs[:5]))
         self.step = ckpt.step
         self.evals = ckpt.info.get("evals", [])
-        self.counters = Counters(**ckpt.info.get("counters", {}))
+        known = {f.name for f in dataclasses.fields(Counters)}
+        saved = ckpt.info.get("counters", {})
+        self.counters = Counters(**{k: int(v) for k, v in saved.items() if k in known and isinstance(v, int)})
         logger.info(f"resuming from {root} at step {self.step}/{self.total_steps}")
 
     # --- connections (called by the hub) ----------------------------------------------------
@@ -392,8 +397,8 @@ class Server:
         self.counters.rollbacks += 1
         self.checksums.pop(self.step, None)
         logger.error(f"step {self.step}: parameters or optimizer state are not finite after the update; rolled "
-                     f"back to the state after step {good} and resyncing every worker (steps {good}-{self.step + 1} "
-                     f"are lost)")
+                     f"back to the state at the start of step {good} and resyncing every worker (the updates of "
+                     f"steps {good}-{self.step + 1} are lost)")
         return False
 
     def _resync_all(self) -> None:
@@ -429,6 +434,9 @@ class Server:
         arrived = self._collect()
         t2 = time.monotonic()
         t1 = t2 - self.comm_s  # averaging and sending happen inside the wait, bucket by bucket
+        if t.max_grad_norm:  # clipping rewrites the gradient buffer that queued AVG frames still point into
+            for peer in self.workers.values():
+                peer.writer.own()
         optimizer_step(self.optimizer, t, self.step, self.total_steps)
         self.healthy = healthy = self._check_replica()
         last = self.step == self.total_steps - 1
@@ -557,6 +565,7 @@ class Server:
             "workers_dropped": self.counters.dropped,
             "workers_rejoined": self.counters.rejoined,
             "connections_refused": self.counters.refused,
+            "connections_shed": self.hub.admission.shed_total,
             "replica_mismatches": self.counters.replica_mismatches,
             "replicas_verified": sorted(self.final_acks),
             "evals": self.evals,

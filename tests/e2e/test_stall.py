@@ -7,38 +7,15 @@ must never queue more than a bounded amount of averages for a peer that reads no
 
 from __future__ import annotations
 
-import threading
-
-import psutil
 import pytest
 
 from helpers import Cluster
 
+from bench.cluster import PeakRss
+
 pytestmark = pytest.mark.timeout(120)
 
 BASE = ["--set", "dataset.train_size=2048", "--set", "cluster.heartbeat_s=0.5", "--set", "cluster.step_timeout=0.2"]
-
-
-class PeakRss:
-    """Samples a process's resident memory every 50 ms while the test waits."""
-
-    def __init__(self, pid: int) -> None:
-        self.proc, self.peak, self.stop = psutil.Process(pid), 0, threading.Event()
-        self.start = self.proc.memory_info().rss
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-        self.thread.start()
-
-    def _sample(self) -> None:
-        while not self.stop.wait(0.05):
-            try:
-                self.peak = max(self.peak, self.proc.memory_info().rss)
-            except psutil.Error:
-                return
-
-    def growth_mib(self) -> float:
-        self.stop.set()
-        self.thread.join()
-        return (self.peak - self.start) / 2**20
 
 
 def stalled_run(tmp, *extra: str) -> tuple[Cluster, float]:
@@ -47,7 +24,7 @@ def stalled_run(tmp, *extra: str) -> tuple[Cluster, float]:
     cluster.wait_for_log("worker 2", "injecting fault sleep")
     rss = PeakRss(cluster.procs["server"].popen.pid)
     cluster.wait_for_log("server", "worker 2 dropped at step", timeout=30)
-    growth = rss.growth_mib()
+    growth = rss.stop()
     codes = cluster.wait(90)
     assert codes["server"] == 0 and codes["worker 1"] == 0, cluster.logs()
     assert codes["worker 2"] == 1  # it wakes up to a closed connection (cluster.reconnect is off)
