@@ -17,11 +17,11 @@ import os
 import secrets
 from pathlib import Path
 
+from smolcluster.errors import AuthError
+
 TOKEN_ENV = "SMOLCLUSTER_TOKEN"
 
 
-class AuthError(RuntimeError):
-    """The token is missing, unreadable or wrong; the message says which."""
 
 
 def load_token(token_file: str | None) -> bytes | None:

@@ -26,6 +26,7 @@ from loguru import logger
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load, load_file, save, save_file
 
+from smolcluster.errors import CheckpointError
 from smolcluster.flat import FlatModel
 from smolcluster.results import atomic_write
 
@@ -37,10 +38,6 @@ INFO_KEY = "smolcluster.checkpoint"
 FOLDER = re.compile(r"checkpoint-(\d{8,})")
 MAX_REASON = 300
 """Characters of one folder's reason in an error: a damaged file must not flood the log."""
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, unreadable, or belongs to another job."""
 
 
 class _Unusable(Exception):

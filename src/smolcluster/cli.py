@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 from loguru import logger
 
 from smolcluster import log
-from smolcluster.config import DEFAULT_CLUSTER, Config, ConfigError, ModelConfig, load_config
+from smolcluster.config import DEFAULT_CLUSTER, Config, ModelConfig, load_config
+from smolcluster.errors import ConfigError, SmolclusterError
 
 if TYPE_CHECKING:
     from smolcluster.data import Split
@@ -133,29 +134,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, passthrough = _load(args)
         return COMMANDS[args.command](args, cfg, passthrough)
-    except ConfigError as e:
+    except ConfigError as e:  # DataFileError too: a file the user named is malformed
         logger.error(f"config error: {e}")
-        return 2
+        return e.exit_code
     except KeyboardInterrupt as e:
         logger.warning("interrupted")
         return 128 + getattr(e, "signum", 2)  # 130 for Ctrl-C, 143 for SIGTERM (runner.Stopped)
-    except Exception as e:  # a clear one-line reason, then the details for a bug report
-        if isinstance(e, (OSError, *_expected_errors())):
-            logger.error(str(e))
-            return 1
-        raise
-
-
-EXPECTED_ERRORS = {"smolcluster.auth": "AuthError", "smolcluster.checkpoint": "CheckpointError",
-                   "smolcluster.data": "DataError", "smolcluster.server": "ClusterError",
-                   "smolcluster.worker": "WorkerError", "smolcluster.results": "ModelFileError"}
-"""Errors whose message is the whole story (no traceback), by the module that defines each."""
-
-
-def _expected_errors() -> tuple[type[Exception], ...]:
-    # Only a module already imported can have raised its error; importing the others here would
-    # load torch just to print a one-line message.
-    return tuple(getattr(sys.modules[m], name) for m, name in EXPECTED_ERRORS.items() if m in sys.modules)
+    except (SmolclusterError, OSError) as e:  # the message is the whole story: one line, no traceback
+        logger.error(str(e))
+        return getattr(e, "exit_code", 1)
 
 
 def _server(args: argparse.Namespace, cfg: Config, _: list[str]) -> int:

@@ -16,22 +16,25 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from loguru import logger
+
+from smolcluster.errors import ConfigError
+from smolcluster.errors import cut as _cut
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CLUSTER = REPO_ROOT / "configs" / "cluster_config.yaml"
 DEFAULT_NN = REPO_ROOT / "configs" / "nn_config.yaml"
 
 
-class ConfigError(ValueError):
-    """A config file, override or flag is invalid; the message names the file and the key."""
+IMPORT_PATH = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
+"""`package.module:callable`, the way a user names their own model, dataset or loss in YAML."""
 
-    def __init__(self, message: object = "") -> None:
-        # A backstop: whatever a message quotes (a key, a value, a YAML error), it stays one short line.
-        super().__init__(_cut(str(message), MAX_ERROR))
+
+def is_import_path(value: object) -> bool:
+    return isinstance(value, str) and IMPORT_PATH.fullmatch(value) is not None
 
 
 def _positive(name: str, value: float, allow_zero: bool = False) -> None:
@@ -273,10 +276,13 @@ class TrainingConfig:
 
 @dataclass(kw_only=True, slots=True, frozen=True)
 class ModelConfig:
-    """A model from the registry in models.py, with its sizes."""
+    """A model from the registry in models.py, with its sizes; or the user's own, by import path."""
+
+    OPEN_KEY: ClassVar[str] = "type"
 
     type: str = "SimpleNN"
-    """SimpleNN (input-hidden-out), MLP (any list of hidden sizes) or CNN."""
+    """SimpleNN (input-hidden-out), MLP (any list of hidden sizes) or CNN; or `package.module:callable`
+    returning an nn.Module, called with this section's other keys as keyword arguments."""
     input_dim: int = 784
     """Inputs per sample (28 x 28 MNIST pixels); SimpleNN and MLP only."""
     hidden: int | list[int] = 128
@@ -285,10 +291,14 @@ class ModelConfig:
     """Classes."""
     channels: list[int] = field(default_factory=lambda: [16, 32])
     """CNN only: output channels of each 3x3 conv + 2x2 max-pool stage."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """The keyword arguments of an import-path model (its section's keys that are not listed here)."""
 
     def __post_init__(self) -> None:
         from smolcluster.models import MODELS
 
+        if is_import_path(self.type):
+            return
         if self.type not in MODELS:
             raise ConfigError(f"type: unknown model {_quote(self.type)}; choose one of {sorted(MODELS)}")
         widths = [self.hidden] if isinstance(self.hidden, int) else self.hidden
@@ -309,8 +319,12 @@ class ModelConfig:
 class DatasetConfig:
     """Which data to train on; MNIST ships with the repository, synthetic is for fast tests."""
 
-    name: Literal["MNIST", "synthetic"] = "MNIST"
-    """MNIST (shipped in data/mnist, no download) or synthetic (MNIST-shaped noise, for tests)."""
+    OPEN_KEY: ClassVar[str] = "name"
+    BUILT_IN: ClassVar[tuple[str, ...]] = ("MNIST", "synthetic")
+
+    name: str = "MNIST"
+    """MNIST (shipped in data/mnist, no download) or synthetic (MNIST-shaped noise, for tests); or
+    `package.module:callable` returning (train, test), called with this section's other keys."""
     root: str | None = None
     """Folder with the MNIST IDX files; default: $SMOLCLUSTER_DATA, else the repository's data/mnist."""
     train_size: int = 0
@@ -318,7 +332,13 @@ class DatasetConfig:
     test_size: int = 0
     """Use only the first this many test samples (0: all; synthetic: default 1024)."""
 
+    options: dict[str, Any] = field(default_factory=dict)
+    """The keyword arguments of an import-path dataset (its section's keys that are not listed here)."""
+
     def __post_init__(self) -> None:
+        if self.name not in self.BUILT_IN and not is_import_path(self.name):
+            raise ConfigError(f"name: unknown dataset {_quote(self.name)}; choose one of {list(self.BUILT_IN)} "
+                              "or give an import path package.module:callable")
         _positive("train_size", self.train_size, allow_zero=True)
         _positive("test_size", self.test_size, allow_zero=True)
 
@@ -402,8 +422,6 @@ def diff_fingerprints(ours: dict[str, Any], theirs: dict[str, Any]) -> list[str]
 MAX_QUOTE = 200
 """Characters of a user's value that an error quotes; a value can be megabytes (or, through YAML
 aliases, billions of items), and an error is one line."""
-MAX_ERROR = 1000
-"""Characters of a whole ConfigError message."""
 MAX_FILE_BYTES = 1 << 20
 """A config file larger than this is refused (they are a few KiB); nothing reads gigabytes."""
 MAX_ALIAS_VALUES = 10_000
@@ -413,11 +431,6 @@ _REPR = reprlib.Repr()
 _REPR.maxstring = _REPR.maxother = MAX_QUOTE
 _REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 8
 _REPR.maxlevel = 3
-
-
-def _cut(text: str, limit: int = MAX_QUOTE) -> str:
-    """`text`, or its first `limit` characters and how long it was."""
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _quote(value: Any) -> str:
@@ -544,6 +557,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         if isinstance(value, (int, float, str)) and not isinstance(value, bool):
             return _number(value, where)
         raise ConfigError(f"{where}: expected a number, got {_describe(value)}")
+    if tp is Any:  # an import-path callable's own keyword argument: any YAML value
+        return value
     if tp is str:
         if isinstance(value, str):
             return value
@@ -561,6 +576,12 @@ def build(cls: type, raw: Any, where: str) -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     prefix = f"{where}." if where else ""
     unknown = [k for k in raw if k not in names]
+    opener = getattr(cls, "OPEN_KEY", None)
+    if unknown and opener and is_import_path(raw.get(opener)):
+        # A user's callable takes the section's other keys as keyword arguments.
+        options = {str(k): raw[k] for k in unknown}
+        raw = {**{k: v for k, v in raw.items() if k in names}, "options": {**raw.get("options", {}), **options}}
+        unknown = []
     if unknown:
         raise ConfigError(f"{prefix}{_cut(str(unknown[0]))}: unknown key; known keys are {', '.join(names)}")
     kwargs = {}

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from smolcluster.config import REPO_ROOT, DatasetConfig
+from smolcluster.errors import DataError
 
 MNIST_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -33,10 +34,6 @@ MNIST_FILES = {
 }
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 SYNTHETIC_SIZES = {"train": 4096, "test": 1024}
-
-
-class DataError(RuntimeError):
-    """The dataset files are missing or not what they claim to be."""
 
 
 @dataclass(slots=True)

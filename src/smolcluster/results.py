@@ -15,10 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from smolcluster.config import ConfigError, DatasetConfig, ModelConfig, build
-
-
-class ModelFileError(RuntimeError):
-    """A saved model file is missing, unreadable, or not one of ours."""
+from smolcluster.errors import ModelFileError
 from smolcluster.models import build_model
 
 

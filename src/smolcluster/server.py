@@ -31,6 +31,7 @@ from smolcluster.averaging import Averager
 from smolcluster.buckets import make_buckets
 from smolcluster.checkpoint import encode_state, load_checkpoint, save_checkpoint
 from smolcluster.config import Config, diff_fingerprints
+from smolcluster.errors import ClusterError
 from smolcluster.faults import Fault
 from smolcluster.flat import FlatModel
 from smolcluster.hub import Hub, Peer
@@ -41,10 +42,6 @@ from smolcluster.rollback import Snapshot, replica_finite
 from smolcluster.tracking import group_name, start_tracker
 from smolcluster.train import build_optimizer, evaluate, learning_rate, optimizer_step, set_threads
 from smolcluster.wire import DType, Header, MsgType, ProtocolError
-
-
-class ClusterError(RuntimeError):
-    """Training cannot go on (too few workers, nobody joined); the message says who and when."""
 
 
 @dataclass

@@ -43,6 +43,8 @@ from typing import Any, Callable, Iterator
 
 import xxhash
 
+from smolcluster.errors import ConnectionClosed, ProtocolError
+
 MAGIC = b"SMCL"
 PROTOCOL_VERSION = 2
 HEADER = struct.Struct("!4sBBBBIQQII")
@@ -92,18 +94,6 @@ ALLOWED_DTYPES: dict[MsgType, frozenset[DType]] = {
     MsgType.PARAMS: TENSOR_DTYPES, MsgType.GRAD: TENSOR_DTYPES, MsgType.AVG: TENSOR_DTYPES,
     MsgType.STATE: frozenset({DType.RAW}),
 }
-
-
-class ProtocolError(Exception):
-    """A peer sent something that is not a valid frame here; the message names the peer."""
-
-
-class ConnectionClosed(ConnectionError):
-    """The peer closed the connection (cleanly or not); `cut` says what frame it cut short, if any."""
-
-    def __init__(self, message: str, cut: str = "") -> None:
-        super().__init__(message + cut)
-        self.cut = cut
 
 
 @dataclass(slots=True, frozen=True)

@@ -24,6 +24,7 @@ from loguru import logger
 from smolcluster import auth, data, wire
 from smolcluster.admission import BUSY
 from smolcluster.buckets import make_buckets
+from smolcluster.errors import HandshakeCut, ServerLost, WorkerError
 from smolcluster.checkpoint import CheckpointError, decode_state
 from smolcluster.exchange import GradExchange
 from smolcluster.config import Config, ConfigError
@@ -36,19 +37,6 @@ from smolcluster.tlsio import SharedTLS
 from smolcluster.tracking import NullTracker, Tracker, start_tracker
 from smolcluster.train import build_optimizer, loss_fn, optimizer_step, set_threads
 from smolcluster.wire import DType, Header, MsgType, ProtocolError
-
-
-class WorkerError(RuntimeError):
-    """The worker cannot go on: unreachable, refused, or the server failed; the message says why."""
-
-
-class ServerLost(WorkerError):
-    """The connection to the server broke (it may come back: see cluster.reconnect)."""
-
-
-class HandshakeCut(ServerLost):
-    """The server cut our handshake short (closed, reset, or 'server busy': it sheds connections that
-    have not authenticated when it is flooded); another try may well go through."""
 
 
 class Resynced(Exception):
