@@ -9,8 +9,22 @@ or an fp16 overflow would make it).
 
 from __future__ import annotations
 
+import os
+import random
+import signal
+import sys
+import time
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import TYPE_CHECKING, Literal, get_args
+
+from loguru import logger
+
+if TYPE_CHECKING:
+    import torch
+
+    from smolcluster.buckets import Bucket
+    from smolcluster.flat import FlatModel
+    from smolcluster.link import Link
 
 Kind = Literal["sleep", "exit", "kill", "disconnect", "garbage", "nan", "scale"]
 
@@ -36,3 +50,33 @@ def parse_fault(text: str) -> Fault:
     except ValueError:
         raise ValueError(f"--fault {text!r}: {parts[2]!r} is not a number") from None
     return Fault(int(parts[0]), parts[1], arg)  # type: ignore[arg-type]
+
+
+def inject(fault: Fault, step: int, loss: torch.Tensor, link: Link, flat: FlatModel, last: Bucket) -> torch.Tensor:
+    """Do what `fault` says in a worker at `step`, after forward; returns the loss to backpropagate."""
+    from smolcluster import wire
+    from smolcluster.wire import DType, MsgType
+
+    logger.warning(f"step {step}: injecting fault {fault.kind}{f' {fault.arg:g}' if fault.arg else ''}")
+    if fault.kind == "sleep":
+        time.sleep(fault.arg)
+    elif fault.kind == "exit":
+        link.send(MsgType.BYE, step=step)
+        link.close()
+        sys.exit(0)
+    elif fault.kind == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif fault.kind == "disconnect":
+        frames = wire.frame(MsgType.GRAD, memoryview(flat.grad_bytes)[4 * last.lo : 4 * last.hi], step=step,
+                            worker=link.id, count=1, offset=last.lo, dtype=DType.F32)
+        link.send_raw(bytes(frames[0]) + bytes(frames[1][: len(frames[1]) // 2]))
+        link.close()
+        sys.exit(3)
+    elif fault.kind == "garbage":
+        link.send_raw(random.Random(step).randbytes(256))
+    elif fault.kind == "nan":
+        flat.loss = float("nan")
+        return loss * float("nan")  # every gradient of the step becomes NaN
+    elif fault.kind == "scale":
+        return loss * fault.arg  # backward is linear: every gradient of the step scales, the loss slot does not
+    return loss

@@ -16,7 +16,6 @@ import dataclasses
 import json
 import os
 import signal
-import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,22 +24,20 @@ from typing import Any
 import torch
 from loguru import logger
 
-from smolcluster import auth, data, wire
+from smolcluster import auth, data, handshake, wire
 from smolcluster.admission import raise_fd_limit
 from smolcluster.averaging import Averager
-from smolcluster.buckets import make_buckets
 from smolcluster.checkpoint import encode_state, load_checkpoint, save_checkpoint
 from smolcluster.config import Config, diff_fingerprints
 from smolcluster.errors import ClusterError
 from smolcluster.faults import Fault
-from smolcluster.flat import FlatModel
 from smolcluster.hub import Hub, Peer
-from smolcluster.models import build_model, layout
 from smolcluster.progress import Progress
 from smolcluster.results import save_model, write_summary
 from smolcluster.rollback import Snapshot, replica_finite
 from smolcluster.tracking import group_name, start_tracker
-from smolcluster.train import build_optimizer, evaluate, learning_rate, optimizer_step, set_threads
+from smolcluster.replica import build_replica
+from smolcluster.train import evaluate, learning_rate, optimizer_step
 from smolcluster.wire import DType, Header, MsgType, ProtocolError
 
 
@@ -82,19 +79,15 @@ class Server:
                     "--insecure on a network you trust"
                 )
             logger.warning(f"listening on {host} WITHOUT a cluster token (--insecure): anyone on the network can join")
-        set_threads(t.threads)
-        self.model = build_model(cfg.model, c.seed)
-        self.flat = FlatModel(self.model)
-        self.optimizer = build_optimizer(self.model, t)
+        self.replica = build_replica(cfg)
+        self.model, self.flat, self.optimizer = self.replica.model, self.replica.flat, self.replica.optimizer
+        self.fingerprint = self.replica.fingerprint
         self.test = data.load_split(cfg.dataset, "test", c.seed)
         n_train = data.split_size(cfg.dataset, "train")
         self.steps_per_epoch = data.steps_per_epoch(n_train, c.num_workers, t.batch_size)
         total = self.steps_per_epoch * t.num_epochs
         self.total_steps = min(total, t.max_steps) if t.max_steps else total
-        self.fingerprint = {**cfg.fingerprint(), "layout": layout(self.model)}
-        sizes = [p.numel() for p in self.model.parameters() if p.requires_grad]
-        self.avg = Averager(self.flat, make_buckets(sizes, max(1, int(c.bucket_mb * 2**20) // 4)),
-                            c.compression, c.int8_chunk, c.outlier_factor)
+        self.avg = Averager(self.flat, self.replica.buckets, c.compression, c.int8_chunk, c.outlier_factor)
         self.snapshot = Snapshot(self.flat, self.optimizer)
         self.resync_step = -1
         """Gradients of steps before this one were computed from rolled-back parameters: dropped quietly."""
@@ -103,7 +96,6 @@ class Server:
         self.progress_at: dict[int, float] = {}
         self.first_arrival: float | None = None
         self.faults = {f.step: f for f in faults or []}
-        self.state_limit = 4 * self.flat.nbytes + (1 << 20)
         self.step = 0
         self.healthy = True
         self.started = False
@@ -119,7 +111,7 @@ class Server:
             self._resume()
         fds = raise_fd_limit()  # before the hub: its caps on unauthenticated connections derive from it
         self.hub = Hub(host, c.port, self, heartbeat_s=c.heartbeat_s, silence_s=c.worker_timeout,
-                       handshake_s=c.handshake_timeout, tls=self._tls(), max_queue=self._queue_limit())
+                       handshake_s=c.handshake_timeout, tls=handshake.server_tls(c), max_queue=self._queue_limit())
         self.port = self.hub.port
         logger.info(f"open files: {fds}; connections waiting for a handshake: {self.hub.admission}")
         logger.info(f"listening on {host}:{self.port} for {c.num_workers} workers"
@@ -131,17 +123,6 @@ class Server:
         if c.max_send_queue_mb:
             return int(c.max_send_queue_mb * 2**20)
         return max(16 << 20, 4 * sum(self.avg.nbytes))
-
-    def _tls(self) -> ssl.SSLContext | None:
-        c = self.cfg.cluster
-        if not c.tls_cert:
-            return None
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        try:
-            ctx.load_cert_chain(c.tls_cert, c.tls_key)
-        except (OSError, ssl.SSLError) as e:
-            raise auth.AuthError(f"cluster.tls_cert/tls_key: cannot load ({e})") from None
-        return ctx
 
     def _resume(self) -> None:
         root = Path(self.cfg.training.out_dir) / "checkpoints"
@@ -159,8 +140,8 @@ class Server:
     # --- connections (called by the hub) ----------------------------------------------------
 
     def on_connect(self, peer: Peer) -> None:
-        peer.nonce = auth.nonce()
-        self.hub.send(peer, wire.frame(MsgType.CHALLENGE, {"nonce": peer.nonce, "auth": self.token is not None}))
+        peer.nonce, offer = handshake.challenge(self.token)
+        self.hub.send(peer, offer)
 
     def on_drop(self, peer: Peer, why: str) -> None:
         if peer.worker_id and self.workers.get(peer.worker_id) is peer:
@@ -209,32 +190,21 @@ class Server:
     def _on_hello(self, peer: Peer, hello: dict[str, Any]) -> None:
         if peer.worker_id:
             raise ProtocolError(f"{peer.name}: second HELLO")
-        wid, n = hello.get("worker_id"), self.cfg.cluster.num_workers
-        worker_nonce, fingerprint = hello.get("nonce"), hello.get("fingerprint")
-        if not isinstance(wid, int) or isinstance(wid, bool) or not 1 <= wid <= n:
-            return self._refuse(peer, wid, f"worker id {wid!r} is not in 1..{n} (num_workers={n})")
-        if not isinstance(worker_nonce, str) or not 16 <= len(worker_nonce) <= 128:
-            return self._refuse(peer, wid, "HELLO without a valid nonce (an older or foreign client?)")
-        if self.token is not None and not auth.verify(self.token, hello.get("proof"), "worker", peer.nonce, worker_nonce, wid):
-            return self._refuse(peer, wid, "wrong or missing cluster token")
-        if wid in self.workers:
-            return self._refuse(peer, wid, f"worker id {wid} is already connected from {self.workers[wid].addr}")
-        diffs = diff_fingerprints(self.fingerprint, fingerprint if isinstance(fingerprint, dict) else {})
-        if diffs:
-            return self._refuse(peer, wid, "config differs from the server's: " + "; ".join(diffs[:5]))
-        peer.worker_id = wid
+        n = self.cfg.cluster.num_workers
+        ok = handshake.check_hello(hello, num_workers=n, token=self.token, server_nonce=peer.nonce,
+                                   taken={k: p.addr for k, p in self.workers.items()}, fingerprint=self.fingerprint)
+        if isinstance(ok, str):
+            return self._refuse(peer, hello.get("worker_id"), ok)
+        wid = peer.worker_id = ok.worker_id
         peer.inbox = self.avg.inbox()
         self.workers[wid] = peer
         self._progressed(wid)
         if self.started:
             self.counters.rejoined += 1
         logger.info(f"worker {wid} {'rejoined' if self.started else 'joined'} from {peer.addr} "
-                    f"({str(hello.get('host', '?'))[:64]}); {len(self.workers)}/{n} workers")
-        welcome: dict[str, Any] = {"worker_id": wid, "total_steps": self.total_steps,
-                                   "steps_per_epoch": self.steps_per_epoch, "wandb_group": self.wandb_group}
-        if self.token is not None:
-            welcome["proof"] = auth.proof(self.token, "server", peer.nonce, worker_nonce, wid)
-        self.hub.send(peer, wire.frame(MsgType.WELCOME, welcome))
+                    f"({ok.host}); {len(self.workers)}/{n} workers")
+        self.hub.send(peer, handshake.welcome(ok, self.token, peer.nonce, total_steps=self.total_steps,
+                                              steps_per_epoch=self.steps_per_epoch, wandb_group=self.wandb_group))
 
     def _on_grad(self, peer: Peer, header: Header) -> None:
         self._progressed(peer.worker_id)  # late or not, it is working

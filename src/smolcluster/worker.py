@@ -1,19 +1,12 @@
 """A worker: computes gradients on its own shard, sends them, applies the average it gets back.
 
-Blocking I/O on purpose: a worker has exactly one peer and strictly alternates send/receive, so
-the plain loop below *is* the protocol. Every wait is bounded by a cluster timeout; a small
-thread sends heartbeats while the main loop computes, so the server can tell slow from dead.
+The step loop is `_step`: forward, send the gradient bucket by bucket as backward produces it,
+wait for the averages, apply them with the same optimizer as every other replica. Its one
+connection to the server is a `Link` (link.py); joining is `handshake.join`.
 """
 
 from __future__ import annotations
 
-import os
-import random
-import signal
-import socket
-import ssl
-import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -21,21 +14,18 @@ from typing import Any
 import torch
 from loguru import logger
 
-from smolcluster import auth, data, wire
-from smolcluster.admission import BUSY
-from smolcluster.buckets import make_buckets
-from smolcluster.errors import HandshakeCut, ServerLost, WorkerError
-from smolcluster.checkpoint import CheckpointError, decode_state
+from smolcluster import auth, data, handshake, wire
+from smolcluster.checkpoint import decode_state
+from smolcluster.config import Config
+from smolcluster.errors import CheckpointError, ConfigError, ServerLost, WorkerError
 from smolcluster.exchange import GradExchange
-from smolcluster.config import Config, ConfigError
-from smolcluster.faults import Fault
-from smolcluster.flat import FlatModel
-from smolcluster.models import build_model, layout
+from smolcluster.faults import Fault, inject
+from smolcluster.link import Link
 from smolcluster.progress import Progress
+from smolcluster.replica import build_replica
 from smolcluster.results import save_model
-from smolcluster.tlsio import SharedTLS
 from smolcluster.tracking import NullTracker, Tracker, start_tracker
-from smolcluster.train import build_optimizer, loss_fn, optimizer_step, set_threads
+from smolcluster.train import loss_fn, optimizer_step
 from smolcluster.wire import DType, Header, MsgType, ProtocolError
 
 
@@ -45,30 +35,6 @@ class Resynced(Exception):
     def __init__(self, step: int) -> None:
         super().__init__(f"resynced to step {step}")
         self.step = step
-
-
-def connect(host: str, port: int, timeout_s: float) -> socket.socket:
-    """Dial the server, retrying with backoff (0.1 s doubling to 2 s) until `timeout_s` seconds pass."""
-    start = time.monotonic()
-    deadline = start + timeout_s
-    delay, told = 0.1, False
-    while True:
-        try:
-            sock = socket.create_connection((host, port), timeout=min(5.0, timeout_s))
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            return sock
-        except OSError as e:
-            if time.monotonic() + delay > deadline:
-                hint = " (macOS Local Network privacy? see README troubleshooting)" if e.errno == 65 else ""
-                raise WorkerError(
-                    f"could not reach the server at {host}:{port} within {timeout_s:.0f} s: {e}{hint}; "
-                    "is it running, and is the port open in the firewall?"
-                ) from None
-            if not told and time.monotonic() - start > 3.0:  # quiet while the server starts up
-                logger.info(f"waiting for the server at {host}:{port} ({e.strerror or e}); retrying")
-                told = True
-            time.sleep(delay)
-            delay = min(delay * 2, 2.0)
 
 
 class Worker:
@@ -83,66 +49,22 @@ class Worker:
         self.token = auth.load_token(c.token_file)
         self.faults = {f.step: f for f in faults or []}
         self.save_params = save_params
-        set_threads(t.threads)
-        self.model = build_model(cfg.model, c.seed)
-        self.flat = FlatModel(self.model)
-        self.optimizer = build_optimizer(self.model, t)
+        self.replica = build_replica(cfg)
+        self.model, self.flat, self.optimizer = self.replica.model, self.replica.flat, self.replica.optimizer
+        self.buckets = self.replica.buckets
         n_train = data.split_size(cfg.dataset, "train")
         self.shard = data.partition(n_train, c.num_workers, c.seed)[worker_id - 1]
         self.train = data.load_split(cfg.dataset, "train", c.seed, indices=self.shard)
         self.steps_per_epoch = data.steps_per_epoch(n_train, c.num_workers, t.batch_size)
         self.address = (c.server_address(host), c.port)
         self.peer = f"server {self.address[0]}:{self.address[1]}"
-        self.state_limit = 4 * self.flat.nbytes + (1 << 20)
-        self.buckets = make_buckets([p.numel() for p in self.model.parameters() if p.requires_grad],
-                                    max(1, int(c.bucket_mb * 2**20) // 4))
+        self.state_limit = self.replica.state_limit
         self.exchange: GradExchange | None = None
-        self.sock: socket.socket | SharedTLS | None = None
-        self._send_lock = threading.Lock()
-        self._last_send = time.monotonic()
+        self.link: Link | None = None
         self._lost_at: float | None = None  # when the server went away, while we try to get it back
         self._training = False  # a PARAMS frame now is a resync after the server rolled back
 
     # --- I/O ------------------------------------------------------------------------------------
-
-    def _dial(self, timeout: float | None = None) -> socket.socket | SharedTLS:
-        c = self.cfg.cluster
-        sock = connect(*self.address, timeout or c.connect_timeout)
-        if not c.tls_ca:
-            return sock
-        ctx = ssl.create_default_context(cafile=c.tls_ca)
-        try:
-            return SharedTLS(ctx.wrap_socket(sock, server_hostname=c.tls_server_name or self.address[0]))
-        except (ssl.SSLError, OSError) as e:
-            sock.close()
-            # Closed or reset mid-handshake: a flooded server sheds it. A TLS error proper stays an error.
-            cut = isinstance(e, (ssl.SSLEOFError, ssl.SSLZeroReturnError)) or not isinstance(e, ssl.SSLError)
-            raise (HandshakeCut if cut else WorkerError)(f"TLS with the {self.peer} failed: {e}") from None
-
-    def _send(self, mtype: MsgType, payload: Any = b"", **fields: Any) -> None:
-        self._send_frames(wire.frame(mtype, payload, worker=self.id, **fields))
-
-    def _send_frames(self, frames: list[bytes | memoryview]) -> None:
-        """Send whole frames under the lock (the heartbeat and gradient threads share the socket)."""
-        assert self.sock is not None
-        try:
-            with self._send_lock:
-                wire.send_frame(self.sock, frames)
-                self._last_send = time.monotonic()
-        except OSError as e:
-            raise ServerLost(f"lost the connection to the {self.peer} while sending: {e}") from None
-
-    def _heartbeats(self, sock: socket.socket | SharedTLS, stop: threading.Event) -> None:
-        period = self.cfg.cluster.heartbeat_s
-        while not stop.wait(period / 2):
-            if time.monotonic() - self._last_send < period:
-                continue
-            try:
-                with self._send_lock:
-                    wire.send_frame(sock, wire.frame(MsgType.HEARTBEAT, worker=self.id))
-                    self._last_send = time.monotonic()
-            except OSError:
-                return
 
     def _target(self, header: Header, step: int) -> memoryview:
         if header.type == MsgType.AVG and self.exchange is not None:
@@ -155,20 +77,9 @@ class Worker:
                             f"step {header.step} (at step {step})")
 
     def _read(self, step: int, timeout: float) -> tuple[Header, memoryview]:
-        """The next frame; ERROR and REJECT become WorkerError. Tensor payloads land in place."""
-        assert self.sock is not None
-        self.sock.settimeout(timeout)
-        try:
-            header, payload = wire.read_frame(self.sock, self.peer, lambda h: self._target(h, step))
-        except socket.timeout:
-            raise ServerLost(f"no word from the {self.peer} for {timeout:.0f} s at step {step}") from None
-        except (wire.ConnectionClosed, OSError) as e:
-            raise ServerLost(f"lost the connection to the {self.peer} at step {step}: {e}") from None
-        if header.type in (MsgType.ERROR, MsgType.REJECT):
-            body = wire.decode_json(payload, header, self.peer)
-            if header.type == MsgType.ERROR:
-                raise WorkerError(f"the {self.peer} ended our session: {body.get('error', '?')}")
-            raise WorkerError(f"the server refused worker {self.id}: {body.get('reason', '?')}")
+        """The next frame (tensor payloads land in place); a PARAMS frame mid-training is a resync."""
+        assert self.link is not None
+        header, payload = self.link.read(step, timeout, lambda h: self._target(h, step))
         if header.type == MsgType.PARAMS and self._training:
             self._resync(header.step)
         return header, payload
@@ -193,83 +104,7 @@ class Worker:
             if header.type != MsgType.HEARTBEAT:
                 raise WorkerError(f"expected {mtype.name} from the {self.peer} at step {step}, got {header.type.name}")
 
-    def _json(self, mtype: MsgType, timeout: float) -> dict[str, Any]:
-        header, payload = self._expect(mtype, 0, timeout)
-        return wire.decode_json(payload, header, self.peer)
-
     # --- training -------------------------------------------------------------------------------
-
-    def _handshake(self) -> dict[str, Any]:
-        """Prove the token (if any), present our config, and check the server proves it too."""
-        timeout = self.cfg.cluster.handshake_timeout
-        try:
-            challenge = self._handshake_json(MsgType.CHALLENGE, timeout)
-        except HandshakeCut as e:
-            hint = "" if self.cfg.cluster.tls_ca else " (if the server uses TLS, set cluster.tls_ca)"
-            raise HandshakeCut(f"no handshake from the {self.peer}: {e}{hint}") from None
-        server_nonce, my_nonce = str(challenge.get("nonce", "")), auth.nonce()
-        if challenge.get("auth") and self.token is None:
-            raise WorkerError(f"the {self.peer} requires a cluster token: set ${auth.TOKEN_ENV} or cluster.token_file")
-        if self.token is not None and not challenge.get("auth"):  # refuse before it could count us in
-            raise WorkerError(f"the {self.peer} asks for no cluster token but we have one: it is not our "
-                              f"cluster's server (or it was started without ${auth.TOKEN_ENV})")
-        hello: dict[str, Any] = {
-            "worker_id": self.id, "host": socket.gethostname(), "pid": os.getpid(), "nonce": my_nonce,
-            "fingerprint": {**self.cfg.fingerprint(), "layout": layout(self.model)},
-        }
-        if self.token is not None:
-            hello["proof"] = auth.proof(self.token, "worker", server_nonce, my_nonce, self.id)
-        try:
-            self._send(MsgType.HELLO, hello)
-        except ServerLost as e:
-            raise HandshakeCut(str(e)) from None
-        welcome = self._handshake_json(MsgType.WELCOME, timeout)
-        if self.token is not None and not auth.verify(self.token, welcome.get("proof"), "server", server_nonce, my_nonce, self.id):
-            raise WorkerError(f"the {self.peer} did not prove it knows the cluster token; not training with it")
-        return welcome
-
-    def _handshake_json(self, mtype: MsgType, timeout: float) -> dict[str, Any]:
-        """A handshake frame; the connection lost or 'server busy' instead is a HandshakeCut."""
-        try:
-            return self._json(mtype, timeout)
-        except HandshakeCut:
-            raise
-        except ServerLost as e:
-            raise HandshakeCut(str(e)) from None
-        except WorkerError as e:
-            if BUSY in str(e):
-                raise HandshakeCut(str(e)) from None
-            raise
-
-    def _join(self) -> dict[str, Any]:
-        """Dial and handshake; while the server cuts the handshake short, try again with backoff
-        until cluster.connect_timeout (counted from the loss when reconnecting)."""
-        c = self.cfg.cluster
-        deadline = (self._lost_at or time.monotonic()) + c.connect_timeout
-        delay, tries = 0.1, 1
-        while True:
-            self.sock = None
-            try:
-                self.sock = self._dial(max(deadline - time.monotonic(), 1.0))
-                welcome = self._handshake()
-                break
-            except HandshakeCut as e:
-                if self.sock is not None:
-                    self.sock.close()
-                if time.monotonic() + delay > deadline:
-                    raise WorkerError(f"{e}; gave up after {tries} tries in {c.connect_timeout:g} s "
-                                      "(cluster.connect_timeout)") from None
-                if tries == 1:
-                    logger.warning(f"{e}; trying again until cluster.connect_timeout ({c.connect_timeout:g} s)")
-            except BaseException:
-                if self.sock is not None:
-                    self.sock.close()
-                raise
-            time.sleep(delay * random.uniform(0.5, 1.0))  # jitter: retries of many workers spread out
-            delay, tries = min(delay * 2, 2.0), tries + 1
-        if tries > 1:
-            logger.info(f"the handshake with the {self.peer} went through on try {tries}")
-        return welcome
 
     def _sync(self) -> int:
         """Receive the parameters and optimizer state to start from; returns the step they are at."""
@@ -307,9 +142,8 @@ class Worker:
     def _session(self) -> dict[str, Any] | None:
         """One connection's worth of training; None if it broke and we should reconnect."""
         c = self.cfg.cluster
-        welcome = self._join()
-        stop = threading.Event()
-        beats = threading.Thread(target=self._heartbeats, args=(self.sock, stop), daemon=True, name="heartbeat")
+        self.link, welcome = handshake.join(c, self.address, self.peer, self.id, self.token,
+                                            self.replica.fingerprint, since=self._lost_at)
         try:
             if not self._tracking:  # the server names the W&B group this worker's run belongs to
                 self.tracker = start_tracker(self.cfg, f"worker-{self.id}", welcome.get("wandb_group"))
@@ -317,9 +151,9 @@ class Worker:
             total = welcome["total_steps"]
             logger.info(f"joined the {self.peer} as worker {self.id}: shard of {len(self.train)} samples, "
                         f"{total} steps; waiting for the parameters")
-            beats.start()
+            self.link.start_heartbeats(c.heartbeat_s)
             self.exchange = GradExchange(self.flat, self.buckets, c.compression, c.int8_chunk, c.overlap,
-                                         self.id, self._send_frames, self.peer)
+                                         self.id, self.link.send_frames, self.peer)
             start = self._sync()
             self._lost_at = None
             logger.info(f"received the parameters and optimizer state; training from step {start}")
@@ -330,7 +164,7 @@ class Worker:
                     header, payload = self._expect(MsgType.DONE, total, c.worker_timeout)
                     break
                 except Resynced:  # the last step was rolled back: confirm we hold what the server holds
-                    self._send(MsgType.CHECKSUM, {"crc": self.flat.checksum()}, step=total - 1)
+                    self.link.send(MsgType.CHECKSUM, {"crc": self.flat.checksum()}, step=total - 1)
             done = wire.decode_json(payload, header, self.peer)
             logger.info(f"training done; the server reports test accuracy {done.get('test_accuracy', 0):.2f}%")
             return done
@@ -343,13 +177,10 @@ class Worker:
             return None
         finally:
             self._training = False
-            stop.set()
-            if beats.is_alive():
-                beats.join(timeout=5.0)  # a daemon thread alive at exit can abort the interpreter
             if self.exchange is not None:
                 self.exchange.close()
                 self.exchange = None
-            self.sock.close()
+            self.link.close()
 
     def _train(self, start: int, total: int) -> None:
         bar = Progress(total, f"worker {self.id}", initial=start)
@@ -390,7 +221,8 @@ class Worker:
         t2 = time.monotonic()
         optimizer_step(self.optimizer, t, step, total)
         if step == total - 1 or (c.checksum_steps and (step + 1) % c.checksum_steps == 0):
-            self._send(MsgType.CHECKSUM, {"crc": self.flat.checksum()}, step=step)
+            assert self.link is not None
+            self.link.send(MsgType.CHECKSUM, {"crc": self.flat.checksum()}, step=step)
         t3 = time.monotonic()
         self.tracker.log({
             "worker/loss": own_loss, "worker/global_loss": self.flat.loss,
@@ -402,30 +234,5 @@ class Worker:
         fault = self.faults.pop(step, None)  # once: a rejoined worker does not repeat it
         if fault is None:
             return loss
-        logger.warning(f"step {step}: injecting fault {fault.kind}{f' {fault.arg:g}' if fault.arg else ''}")
-        assert self.sock is not None
-        if fault.kind == "sleep":
-            time.sleep(fault.arg)
-        elif fault.kind == "exit":
-            self._send(MsgType.BYE, step=step)
-            self.sock.close()
-            sys.exit(0)
-        elif fault.kind == "kill":
-            os.kill(os.getpid(), signal.SIGKILL)
-        elif fault.kind == "disconnect":
-            last = self.buckets[-1]
-            frames = wire.frame(MsgType.GRAD, memoryview(self.flat.grad_bytes)[4 * last.lo : 4 * last.hi], step=step,
-                                worker=self.id, count=1, offset=last.lo, dtype=DType.F32)
-            with self._send_lock:
-                wire.send_frame(self.sock, [frames[0], frames[1][: len(frames[1]) // 2]])
-            self.sock.close()
-            sys.exit(3)
-        elif fault.kind == "garbage":
-            with self._send_lock:
-                self.sock.sendall(random.Random(step).randbytes(256))
-        elif fault.kind == "nan":
-            self.flat.loss = float("nan")
-            return loss * float("nan")  # every gradient of the step becomes NaN
-        elif fault.kind == "scale":
-            return loss * fault.arg  # backward is linear: every gradient of the step scales, the loss slot does not
-        return loss
+        assert self.link is not None
+        return inject(fault, step, loss, self.link, self.flat, self.buckets[-1])
