@@ -495,3 +495,22 @@ def test_the_hub_never_delivers_a_misannounced_frame_and_tells_the_peer_why():
             assert "GRAD frame for step 5 failed its checksum" in wire.decode_json(body, header, "server")["error"]
     finally:
         hub.close()
+
+
+def test_own_copies_a_mutable_buffer_once_and_keeps_the_bytes_it_holds():
+    a, b = socket.socketpair()
+    try:
+        writer = wire.FrameWriter(a)
+        live = bytearray(b"\x01" * 64)
+        writer.push(wire.frame(MsgType.AVG, live, dtype=DType.F32))
+        writer.own()
+        owned = list(writer._queue)
+        live[:] = b"\x02" * 64  # the buffer is reused: what is queued must not change
+        writer.own()
+        assert all(x is y for x, y in zip(owned, writer._queue))  # nothing copied twice
+        writer.write()
+        header, payload = wire.read_frame(b, "test", lambda h: memoryview(bytearray(h.length)))
+        assert bytes(payload) == b"\x01" * 64
+    finally:
+        a.close()
+        b.close()

@@ -406,8 +406,10 @@ class FrameWriter:
                 self.pending += view.nbytes
 
     def own(self) -> None:
-        """Copy what is still queued, so the buffers it came from may be reused."""
-        self._queue = deque(memoryview(bytes(v)) for v in self._queue)
+        """Copy what is still queued, so the buffers it came from may be reused. Views of immutable
+        bytes (headers, trailers, earlier copies) are kept as they are: a peer that lags for many
+        steps costs one copy of each frame, not one per step."""
+        self._queue = deque(v if isinstance(v.obj, bytes) else memoryview(bytes(v)) for v in self._queue)
 
     def write(self) -> None:
         """Send what the socket takes now; raises ConnectionError if the peer is gone."""
