@@ -18,7 +18,7 @@ from torch import nn
 from smolcluster import data
 from smolcluster.config import Config, load_config
 from smolcluster.models import build_model
-from smolcluster.server import step_ms_stats
+from smolcluster.results import step_ms_stats
 from smolcluster.train import build_optimizer, loss_fn, optimizer_step, set_threads
 
 __all__ = ["Shard", "StepTimer", "load", "step_ms_stats", "time_single", "train_step"]

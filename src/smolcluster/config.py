@@ -25,6 +25,17 @@ from smolcluster.errors import ConfigError
 from smolcluster.errors import cut as _cut
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def default_config(name: str) -> Path:
+    """Where a config file is looked for when no flag names it: ./configs/, then
+    ./src/smolcluster/configs/ (where upstream keeps them), then this checkout's configs/."""
+    for folder in (Path("configs"), Path("src") / "smolcluster" / "configs", REPO_ROOT / "configs"):
+        if (folder / name).is_file():
+            return folder / name
+    return REPO_ROOT / "configs" / name
+
+
 DEFAULT_CLUSTER = REPO_ROOT / "configs" / "cluster_config.yaml"
 DEFAULT_NN = REPO_ROOT / "configs" / "nn_config.yaml"
 
@@ -98,9 +109,11 @@ class SshHost:
 class ClusterConfig:
     """Where the server is and how long anyone waits for anyone."""
 
-    host_ip: str | dict[str, str] = "127.0.0.1"
+    host_ip: str | dict[str, str] | None = "127.0.0.1"
     """Address workers connect to; or a map host name -> server address as seen from that host
-    (a worker picks its own host name, then `default`)."""
+    (a worker picks its own host name, then `default`); or null (upstream's "detect my address"):
+    the server listens on every interface and prints the addresses workers can use, and a worker
+    must be told one (`--set cluster.host_ip=ADDRESS`)."""
     bind: str | None = None
     """Address the server listens on; default: `host_ip` when it is one address, else 0.0.0.0."""
     port: int = 65432
@@ -198,6 +211,9 @@ class ClusterConfig:
 
     def server_address(self, host: str | None = None) -> str:
         """The address a worker on `host` dials."""
+        if self.host_ip is None:
+            raise ConfigError("host_ip: null lets the server pick its addresses, but a worker must be told "
+                              "one: pass --set cluster.host_ip=ADDRESS (the server prints them when it starts)")
         if isinstance(self.host_ip, str):
             return self.host_ip
         import socket
@@ -211,7 +227,19 @@ class ClusterConfig:
     def bind_address(self) -> str:
         if self.bind is not None:
             return self.bind
-        return self.host_ip if isinstance(self.host_ip, str) else "0.0.0.0"
+        return self.host_ip if isinstance(self.host_ip, str) else "0.0.0.0"  # a map, or null
+
+    def reachable_at(self) -> list[str]:
+        """This machine's addresses that workers could dial, for a server listening on all of them."""
+        import socket
+
+        found: list[str] = []
+        try:  # what this machine's name resolves to (on a Mac, its .local address)
+            for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET):
+                found.append(str(info[4][0]))
+        except OSError:
+            pass
+        return [a for i, a in enumerate(found) if a not in found[:i] and not a.startswith("127.")] or ["127.0.0.1"]
 
     def launch_hosts(self) -> list[tuple[str, int, str, SshHost]]:
         """(role, worker id (0: server), host name, how to reach it) for every process launch.sh starts."""
@@ -651,8 +679,8 @@ def load_config(
     overrides: list[str] = (),  # type: ignore[assignment]
 ) -> Config:
     """Load both files, apply `--set` overrides, validate; raises ConfigError naming file and key."""
-    cpath = Path(cluster_path) if cluster_path else DEFAULT_CLUSTER
-    npath = Path(nn_path) if nn_path else DEFAULT_NN
+    cpath = Path(cluster_path) if cluster_path else default_config("cluster_config.yaml")
+    npath = Path(nn_path) if nn_path else default_config("nn_config.yaml")
     cluster_raw = _read_yaml(cpath)
     nn_raw = _read_yaml(npath)
     _migrate(cluster_raw, LEGACY_CLUSTER, cpath, nest=False)

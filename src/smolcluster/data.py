@@ -146,8 +146,3 @@ def epoch_order(size: int, seed: int, epoch: int, worker_id: int) -> torch.Tenso
 
 def steps_per_epoch(n: int, num_workers: int, batch_size: int) -> int:
     return math.ceil(shard_size(n, num_workers) / batch_size)
-
-
-def epoch_batches(shard: torch.Tensor, seed: int, epoch: int, worker_id: int, batch_size: int) -> list[torch.Tensor]:
-    """Dataset indices of each of worker `worker_id`'s batches in `epoch`, in order."""
-    return list(shard[epoch_order(len(shard), seed, epoch, worker_id)].split(batch_size))

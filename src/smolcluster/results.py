@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 import json
 import os
 import re
@@ -115,3 +116,26 @@ def saved_data(path: Path, meta: dict[str, str]) -> tuple[DatasetConfig | None, 
 
 def write_summary(summary: dict[str, Any], path: Path) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2) + "\n"))
+
+
+@dataclass
+class Counters:
+    """Everything the run lost or refused, for the log, the summary and W&B."""
+
+    late: int = 0
+    nonfinite: int = 0
+    outliers: int = 0
+    rollbacks: int = 0
+    dropped: int = 0
+    rejoined: int = 0
+    refused: int = 0
+    replica_mismatches: int = 0
+
+
+def step_ms_stats(times: list[float], skip: int = 5) -> dict[str, float]:
+    """Median/min/max step time in ms, leaving out the first `skip` (warm-up) steps."""
+    kept = sorted(times[skip:] if len(times) > 2 * skip else times)
+    if not kept:
+        return {}
+    return {"median": round(1e3 * kept[len(kept) // 2], 3), "min": round(1e3 * kept[0], 3),
+            "max": round(1e3 * kept[-1], 3), "steps": len(kept)}

@@ -70,7 +70,7 @@ class MsgType(enum.IntEnum):
     ERROR = 10  # either way, JSON: a fatal error the peer should print
     HEARTBEAT = 11  # either way, empty: still alive
     CHALLENGE = 12  # server -> worker, JSON: nonce for the token proof
-    AUTH = 13  # worker -> server, JSON: HMAC of the nonce
+    # 13 was AUTH (the proof now rides in HELLO); the number stays unused
     STATE = 14  # server -> worker, tensor: optimizer state for a rejoining worker
 
 
@@ -85,7 +85,7 @@ class DType(enum.IntEnum):
 
 JSON_TYPES = frozenset(
     {MsgType.HELLO, MsgType.WELCOME, MsgType.REJECT, MsgType.CHECKSUM, MsgType.DONE, MsgType.ERROR,
-     MsgType.CHALLENGE, MsgType.AUTH}
+     MsgType.CHALLENGE}
 )
 EMPTY_TYPES = frozenset({MsgType.BYE, MsgType.HEARTBEAT})
 TENSOR_DTYPES = frozenset({DType.F32, DType.BF16, DType.F16, DType.I8})
