@@ -16,6 +16,7 @@ from smolcluster.config import DEFAULT_CLUSTER, Config, ModelConfig, load_config
 from smolcluster.errors import ConfigError, SmolclusterError
 
 if TYPE_CHECKING:
+    from smolcluster.api import Job
     from smolcluster.data import Split
 
 EPILOG = "Config keys and their defaults: see README.md, or configs/*.yaml."
@@ -57,11 +58,15 @@ def _shortcut_overrides(args: argparse.Namespace) -> list[str]:
     return out + args.overrides
 
 
-def _load(args: argparse.Namespace) -> tuple[Config, list[str]]:
-    """The validated config, and the flags that reproduce it in a child process."""
+def _load(args: argparse.Namespace, job: Job | None = None) -> tuple[Config, list[str]]:
+    """The validated config, and the flags that reproduce it in a child process (a Job's own
+    overrides come first; its children rebuild the job, so they are not passed on)."""
     overrides = _shortcut_overrides(args)
+    if job is not None:
+        args.cluster_config = args.cluster_config or job.cluster_config
+        args.nn_config = args.nn_config or job.nn_config
     try:
-        cfg = load_config(args.cluster_config, args.nn_config, overrides)
+        cfg = load_config(args.cluster_config, args.nn_config, [*(job.overrides if job else []), *overrides])
     except ConfigError as e:  # name the flag the user typed, not the --set it stands for
         message = str(e)
         for flag, key in SHORTCUTS:
@@ -127,13 +132,14 @@ exit status: 0 done; 1 a process failed (run names it and stops the rest); 2 con
 """
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, job: Job | None = None) -> int:
+    """The CLI; with a `Job` (smolcluster.api), the job's model, data and loss replace the config's."""
     args = parser().parse_args(argv)
     role = {"worker": f"worker {getattr(args, 'id', '')}"}.get(args.command, args.command)
     log.setup(role, args.log_level)
     try:
-        cfg, passthrough = _load(args)
-        return COMMANDS[args.command](args, cfg, passthrough)
+        cfg, passthrough = _load(args, job)
+        return COMMANDS[args.command](args, cfg, passthrough, job)
     except ConfigError as e:  # DataFileError too: a file the user named is malformed
         logger.error(f"config error: {e}")
         return e.exit_code
@@ -145,12 +151,12 @@ def main(argv: list[str] | None = None) -> int:
         return getattr(e, "exit_code", 1)
 
 
-def _server(args: argparse.Namespace, cfg: Config, _: list[str]) -> int:
+def _server(args: argparse.Namespace, cfg: Config, _: list[str], job: Job | None = None) -> int:
     from smolcluster.runner import watch_parent
     from smolcluster.server import Server
 
     watch_parent()
-    summary = Server(cfg, resume=args.resume, insecure=args.insecure, faults=_faults(args.fault)).run()
+    summary = Server(cfg, resume=args.resume, insecure=args.insecure, faults=_faults(args.fault), job=job).run()
     print(f"test accuracy: {summary['test_accuracy']:.2f}%", flush=True)
     return 0
 
@@ -164,22 +170,23 @@ def _faults(texts: list[str]) -> list:
         raise ConfigError(str(e)) from None
 
 
-def _worker(args: argparse.Namespace, cfg: Config, _: list[str]) -> int:
+def _worker(args: argparse.Namespace, cfg: Config, _: list[str], job: Job | None = None) -> int:
     from smolcluster.runner import watch_parent
     from smolcluster.worker import Worker
 
     watch_parent()
     save = Path(args.save_params) if args.save_params else None
-    Worker(cfg, args.id, host=args.host, faults=_faults(args.fault), save_params=save).run()
+    Worker(cfg, args.id, host=args.host, faults=_faults(args.fault), save_params=save, job=job).run()
     return 0
 
 
-def _run(args: argparse.Namespace, cfg: Config, passthrough: list[str]) -> int:
+def _run(args: argparse.Namespace, cfg: Config, passthrough: list[str], job: Job | None = None) -> int:
     from smolcluster.runner import run_local
 
     # The port is this local cluster's own business: a free one, unless asked for by --set.
     explicit = any(o.partition("=")[0].strip() == "cluster.port" for o in args.overrides)
-    code = run_local(cfg, passthrough, port=cfg.cluster.port if explicit else None)
+    code = run_local(cfg, passthrough, port=cfg.cluster.port if explicit else None,
+                     program=job.program if job else None)
     summary_path = Path(cfg.training.out_dir) / "summary.json"
     if code == 0 and summary_path.exists():
         summary = json.loads(summary_path.read_text())
@@ -192,7 +199,7 @@ def _run(args: argparse.Namespace, cfg: Config, passthrough: list[str]) -> int:
     return code
 
 
-def _eval(args: argparse.Namespace, cfg: Config, _: list[str]) -> int:
+def _eval(args: argparse.Namespace, cfg: Config, _: list[str], job: Job | None = None) -> int:
     from smolcluster import data
     from smolcluster.results import load_model, saved_data
     from smolcluster.train import evaluate
@@ -229,7 +236,7 @@ def _check_fits(path: Path, model_cfg: ModelConfig, test: Split) -> None:
                              f"the test data has {classes} classes")
 
 
-def _hosts(args: argparse.Namespace, cfg: Config, _: list[str]) -> int:
+def _hosts(args: argparse.Namespace, cfg: Config, _: list[str], job: Job | None = None) -> int:
     c = cfg.cluster
     try:
         procs = c.launch_hosts()

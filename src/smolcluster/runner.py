@@ -153,11 +153,12 @@ class PortInUse(OSError):
     """The port asked for with `--set cluster.port=N` is taken."""
 
 
-def run_local(cfg: Config, config_args: list[str], port: int | None = None) -> int:
+def run_local(cfg: Config, config_args: list[str], port: int | None = None, program: list[str] | None = None) -> int:
     """Start and supervise the cluster; returns the exit code for the shell.
 
     `port`: the one to use (it must be free); default: any free port, so that two local runs, or
-    a run beside a real server on the default port, never meet.
+    a run beside a real server on the default port, never meet. `program`: the command that is
+    the server or a worker with the subcommand after it (default: `python -m smolcluster`).
     """
     c, t = cfg.cluster, cfg.training
     if port is None:
@@ -176,7 +177,7 @@ def run_local(cfg: Config, config_args: list[str], port: int | None = None) -> i
     # process takes the port in the seconds before this server binds it.
     env = {**os.environ, "SMOLCLUSTER_PROGRESS": "json", "SMOLCLUSTER_PARENT_PID": str(os.getpid()),
            "PYTHONUNBUFFERED": "1", "SMOLCLUSTER_TOKEN": secrets.token_hex(16)}
-    base = [sys.executable, "-m", "smolcluster"]
+    base = program or [sys.executable, "-m", "smolcluster"]  # a Job's own script runs as its processes
     logger.info(f"starting a local cluster: 1 server + {c.num_workers} workers on 127.0.0.1:{port}, logs in {out / 'logs'}")
     children: list[Child] = []
     previous = {sig: signal.signal(sig, _raise_stopped) for sig in STOP_SIGNALS}
