@@ -64,6 +64,8 @@ class Cluster:
     procs: dict[str, Proc] = field(default_factory=dict)
     extra_env: dict[str, str] = field(default_factory=dict)
     base: list[str] = field(default_factory=list)
+    program: list[str] = field(default_factory=lambda: smolcluster())
+    """The command that is the server or a worker given the subcommand (a Job's script, say)."""
 
     @property
     def out(self) -> Path:
@@ -84,12 +86,12 @@ class Cluster:
         return self.procs[name]
 
     def start_server(self, *extra: str, name: str = "server", preexec: Callable[[], None] | None = None) -> Proc:
-        return self.spawn(name, smolcluster("server", *self.common(), *extra), preexec)
+        return self.spawn(name, [*self.program, "server", *self.common(), *extra], preexec)
 
     def start_worker(self, k: int, *extra: str, name: str | None = None) -> Proc:
         save = self.tmp / f"worker-{k}.safetensors"
-        return self.spawn(name or f"worker {k}", smolcluster(
-            "worker", "--id", str(k), "--save-params", str(save), *self.common(), *extra))
+        return self.spawn(name or f"worker {k}", [
+            *self.program, "worker", "--id", str(k), "--save-params", str(save), *self.common(), *extra])
 
     def start(self, worker_extra: dict[int, list[str]] | None = None) -> Cluster:
         self.start_server()

@@ -6,14 +6,24 @@ worker id is the one attack not here: it is a real worker process (`Cluster.star
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
+import resource
+import selectors
 import socket
 import struct
+import threading
+import time
+import typing
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from smolcluster import auth, wire
 from smolcluster.wire import DType, MsgType
+
+if typing.TYPE_CHECKING:
+    from smolcluster.config import Config
 
 
 def rogue(port: int, payload: bytes | None = None, hello: dict | None = None, token: str | None = None) -> str:
@@ -58,13 +68,6 @@ def attacks(port: int) -> dict[str, Callable[[], str]]:
     }
 
 
-import time  # noqa: E402 - below: added with the frame-integrity attack, kept apart from the rest
-import typing  # noqa: E402
-
-if typing.TYPE_CHECKING:
-    from smolcluster.config import Config
-
-
 def take(header: wire.Header) -> memoryview:
     """Any payload the server sends, in a fresh buffer (a client of our own: any size is fine)."""
     return memoryview(bytearray(header.length))
@@ -74,13 +77,12 @@ def joined(port: int, cfg: Config, worker_id: int, token: str | None = None, tim
     """A raw socket that joined as worker `worker_id` of the job `cfg` the way a real worker does
     (CHALLENGE, HELLO with the job's fingerprint, WELCOME) and took the PARAMS and STATE the server
     sends when training starts: from here the server counts on its gradients."""
-    from smolcluster.models import build_model, layout
+    from smolcluster.replica import build_replica
 
     sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
     header, body = wire.read_frame(sock, "server", take)
     server_nonce, nonce = wire.decode_json(body, header, "server")["nonce"], auth.nonce()
-    model = build_model(cfg.model, cfg.cluster.seed)
-    hello = {"worker_id": worker_id, "nonce": nonce, "fingerprint": {**cfg.fingerprint(), "layout": layout(model)}}
+    hello = {"worker_id": worker_id, "nonce": nonce, "fingerprint": build_replica(cfg).fingerprint}
     if token is not None:
         hello["proof"] = auth.proof(token.encode(), "worker", server_nonce, nonce, worker_id)
     wire.send_frame(sock, wire.frame(MsgType.HELLO, hello, worker=worker_id))
@@ -100,18 +102,15 @@ def misannounced(sock: socket.socket, cfg: Config, worker_id: int, step: int = 0
     sender that lost count would. Read by its length, the frame swallows the next frame's header as
     gradient bytes. Returns what the server answered, after lingering (up to `linger_s`) until the
     server cuts the connection: while it is still connected, its inbox is part of every average."""
-    from smolcluster.buckets import make_buckets
-    from smolcluster.models import build_model
+    from smolcluster.replica import build_replica
 
-    model = build_model(cfg.model, cfg.cluster.seed)
-    sizes = [p.numel() for p in model.parameters() if p.requires_grad]
-    buckets = make_buckets(sizes, max(1, int(cfg.cluster.bucket_mb * 2**20) // 4))
+    buckets = build_replica(cfg).buckets
     bucket = max(buckets, key=lambda b: b.numel)
     length = 4 * bucket.numel
     header = wire.Header(MsgType.GRAD, step=step, worker=worker_id, length=length, dtype=DType.F32,
                          offset=bucket.lo, count=cfg.training.batch_size).pack()
     canary = struct.pack("<f", 1e3) * (length // 4)  # would show in every parameter if it were averaged in
-    loss = wire.frame(MsgType.GRAD, struct.pack("<f", 1.0), step=step, worker=worker_id,
+    loss = wire.frame(MsgType.GRAD, struct.pack("<f", 1.0) * buckets[0].numel, step=step, worker=worker_id,
                       count=cfg.training.batch_size, offset=buckets[0].lo, dtype=DType.F32)
     rest = [*wire.frame(MsgType.HEARTBEAT, worker=worker_id), *loss]
     sock.sendall(header + canary[: length - wire.HEADER_SIZE - wire.TRAILER_SIZE] + b"".join(bytes(b) for b in rest))
@@ -142,12 +141,6 @@ def _linger(sock: socket.socket, timeout: float) -> None:
 
 # --- floods: many connections that never authenticate ------------------------------------------
 
-import errno  # noqa: E402 - below: the connection flood, kept apart from the rest
-import resource  # noqa: E402
-import selectors  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
 
 FLOOD_TICK_S = 0.02
 """The flood's select() timeout: 50 wake-ups a second keep its own CPU use low."""

@@ -49,6 +49,6 @@ def test_flat_buffers_hold_params_and_grads_through_training():
 def test_loss_rides_in_the_slot_after_the_gradient():
     flat = FlatModel(build_model(ModelConfig(), 0))
     flat.loss = 2.5
-    assert flat.loss == 2.5 and len(flat.grad_bytes) == 4 * (flat.numel + 1)
+    assert flat.loss == 2.5 and len(flat.grad_bytes) == 4 * (flat.numel + flat.nbuf + 1)
     flat.zero_grad()
     assert flat.loss == 2.5

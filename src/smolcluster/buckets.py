@@ -1,6 +1,7 @@
 """Gradient buckets: contiguous ranges of the flat buffer that travel, and are averaged, on their own.
 
-Bucket 0 is the loss slot (one float32, never compressed), sent right after the forward pass.
+Bucket 0 is the model's buffers and the loss slot (float32, never compressed), sent right after
+the forward pass.
 The others hold whole parameters in *reverse* order, because backward finishes the last layer
 first: a worker sends a bucket as soon as its gradients are complete (overlapping the rest of
 backward), and the server averages and returns each bucket as soon as every worker sent it.
@@ -28,14 +29,15 @@ class Bucket:
         return self.hi - self.lo
 
 
-def make_buckets(sizes: list[int], bucket_elems: int) -> list[Bucket]:
+def make_buckets(sizes: list[int], bucket_elems: int, buffers: int = 0) -> list[Bucket]:
     """Buckets for parameters of `sizes` elements (model order), each at most `bucket_elems`
-    elements unless a single parameter is larger; see the module docstring for the order."""
+    elements unless a single parameter is larger; see the module docstring for the order.
+    Bucket 0 holds the model's `buffers` floats and the loss (flat.py)."""
     offsets = [0]
     for n in sizes:
         offsets.append(offsets[-1] + n)
     numel = offsets[-1]
-    buckets = [Bucket(0, numel, numel + 1, ())]
+    buckets = [Bucket(0, numel, numel + buffers + 1, ())]
     members: list[int] = []
     for i in reversed(range(len(sizes))):
         if members and offsets[members[0] + 1] - offsets[i] > bucket_elems:

@@ -148,20 +148,40 @@ def _same_kind(saved: Any, ours: Any) -> bool:
     return True  # strings and anything else torch keeps as it is
 
 
-def encode_state(optimizer: torch.optim.Optimizer) -> bytes:
-    """The optimizer state as one safetensors blob (the STATE frame's payload)."""
+def encode_state(optimizer: torch.optim.Optimizer, buffers: torch.Tensor | None = None) -> bytes:
+    """The optimizer state (and the model's float buffers, flat) as one safetensors blob: the
+    STATE frame's payload."""
     tensors, meta = optimizer_tensors(optimizer)
+    if buffers is not None and buffers.numel():
+        tensors["buffers"] = buffers.clone()
     return save(tensors, metadata=meta)
 
 
-def decode_state(optimizer: torch.optim.Optimizer, payload: bytes, peer: str) -> None:
-    """Load a STATE payload; safetensors parses only a JSON header and raw tensors, so no code runs."""
+def decode_state(optimizer: torch.optim.Optimizer, payload: bytes, peer: str,
+                 buffers: torch.Tensor | None = None) -> None:
+    """Load a STATE payload (into `buffers` too, if the model has any); safetensors parses only a
+    JSON header and raw tensors, so no code runs."""
     try:
         tensors = load(payload)
         meta = _metadata(payload)
+        theirs = tensors.pop("buffers", None)
+        if buffers is not None and buffers.numel():
+            _check_buffers(theirs, buffers)
         load_optimizer_tensors(optimizer, tensors, meta)
     except Exception as e:  # bytes from a peer: any failure to make sense of them is the peer's error
         raise CheckpointError(f"{peer}: optimizer state is not usable ({e!r})") from None
+    if theirs is not None and buffers is not None and buffers.numel():
+        buffers.copy_(theirs)
+
+
+def _check_buffers(theirs: torch.Tensor | None, ours: torch.Tensor) -> None:
+    """The model's float buffers (BatchNorm statistics) as saved must fit ours exactly."""
+    if theirs is None:
+        raise ValueError("no 'buffers' tensor, but the model has buffers (BatchNorm statistics)")
+    if theirs.ndim != 1 or theirs.dtype != torch.float32 or theirs.numel() != ours.numel():
+        raise ValueError(f"buffers is {theirs.dtype} {list(theirs.shape)}; the model has {ours.numel()} float32 buffer values")
+    if not bool(torch.isfinite(theirs).all()):
+        raise ValueError("buffers hold NaN or infinity")
 
 
 def _metadata(blob: bytes) -> dict[str, str]:
@@ -196,6 +216,8 @@ def save_checkpoint(root: Path, flat: FlatModel, optimizer: torch.optim.Optimize
     tmp.mkdir()
     tensors, meta = optimizer_tensors(optimizer)
     tensors["params"] = flat.params.clone()
+    if flat.nbuf:
+        tensors["buffers"] = flat.buffers.clone()
     record = {"step": step, **info}
     save_file(tensors, str(tmp / STATE), metadata={**meta, INFO_KEY: json.dumps(record)})
     digest, size = _digest(tmp / STATE)
@@ -308,6 +330,12 @@ def _load_folder(folder: Path, flat: FlatModel, optimizer: torch.optim.Optimizer
                         f"the model has {flat.numel} float32 parameters")
     if not bool(torch.isfinite(params).all()):
         raise _Unusable(f"{STATE}: params hold NaN or infinity")
+    buffers = tensors.pop("buffers", None)
+    if flat.nbuf:
+        try:
+            _check_buffers(buffers, flat.buffers)
+        except ValueError as e:
+            raise _Unusable(f"{STATE}: {e}") from None
     try:
         state = _checked_state(optimizer, tensors, meta)
         optimizer.load_state_dict(state)
@@ -316,6 +344,9 @@ def _load_folder(folder: Path, flat: FlatModel, optimizer: torch.optim.Optimizer
     except Exception as e:  # checked above; whatever torch still refuses, the folder is the reason
         raise _Unusable(f"{STATE}: optimizer state does not fit ({type(e).__name__}: {e})") from None
     flat.params.copy_(params)
+    if flat.nbuf:
+        flat.buffers.copy_(buffers)
+    flat.count_steps(step)
     return Checkpoint(step=step, info=info)
 
 

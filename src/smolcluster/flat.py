@@ -5,9 +5,13 @@ and receives a whole model with one `sendmsg` / `recv_into` and no copy: backwar
 straight into the gradient buffer, the received average lands where `optimizer.step()` reads it,
 and a checksum of the parameters is one pass over one buffer.
 
-The gradient buffer has one extra float at the end: the batch's mean loss. It travels and is
-averaged with the gradient, so the server learns the global training loss (measured before the
-update) at no extra message, and every worker receives it back.
+The gradient buffer ends with the model's floating-point buffers (BatchNorm's running mean and
+variance) and then one float: the batch's mean loss. Both travel in bucket 0, right after the
+forward pass, and are averaged (by sample count) like the gradient: the loss so the server learns
+the global training loss at no extra message, the buffers so that every replica, the server's
+too, holds the same running statistics after every step. The model's buffers *are* that part of
+the wire buffer, so forward updates them in place and the average lands in place: no copies.
+Integer buffers (BatchNorm's `num_batches_tracked`) are set to the step count on every replica.
 """
 
 from __future__ import annotations
@@ -26,12 +30,26 @@ class FlatModel:
         params = [p for p in model.parameters() if p.requires_grad]
         self.numel = sum(p.numel() for p in params)
         self.nbytes = self.numel * 4
+        floats = [(n, b) for n, b in model.named_buffers() if b.is_floating_point()]
+        self.counters = [b for _, b in model.named_buffers() if not b.is_floating_point()]
+        self.nbuf = sum(b.numel() for _, b in floats)
         self.param_bytes = bytearray(self.nbytes)
-        self.grad_bytes = bytearray(self.nbytes + 4)  # + the loss slot
+        self.grad_bytes = bytearray(self.nbytes + 4 * self.nbuf + 4)  # + buffers + the loss slot
         self.params = torch.frombuffer(self.param_bytes, dtype=torch.float32)
         self.wire = torch.frombuffer(self.grad_bytes, dtype=torch.float32)
-        """Gradient plus loss slot: what goes on the wire."""
+        """Gradient, buffers, loss slot: what goes on the wire."""
         self.grads = self.wire[: self.numel]
+        self.buffers = self.wire[self.numel : self.numel + self.nbuf]
+        """The model's floating-point buffers (views of this), averaged with bucket 0."""
+        at = self.numel
+        for _, b in floats:
+            if b.dtype != torch.float32:
+                raise ValueError(f"buffer of dtype {b.dtype}: smolcluster averages float32 buffers only")
+            view = self.wire[at : at + b.numel()]
+            view.copy_(b.reshape(-1))
+            b.data = view.view_as(b)
+            at += b.numel()
+        self.buffer_layout = [[n, list(b.shape)] for n, b in floats]
         offset = 0
         for p in params:
             n = p.numel()
@@ -49,11 +67,16 @@ class FlatModel:
 
     @property
     def loss(self) -> float:
-        return float(self.wire[self.numel])
+        return float(self.wire[self.numel + self.nbuf])
 
     @loss.setter
     def loss(self, value: float) -> None:
-        self.wire[self.numel] = value
+        self.wire[self.numel + self.nbuf] = value
+
+    def count_steps(self, steps: int) -> None:
+        """Integer buffers (BatchNorm's batches seen) as every replica agrees on them: steps done."""
+        for c in self.counters:
+            c.fill_(steps)
 
     def checksum(self) -> int:
         """CRC32 of the parameter bytes: replicas are bit-identical or they have drifted."""

@@ -175,7 +175,7 @@ class Membership:
         if not fresh:
             return
         params = bytes(self.flat.param_bytes)  # a snapshot: the live buffer changes next step
-        state = encode_state(self.optimizer)
+        state = encode_state(self.optimizer, self.flat.buffers)
         for peer in fresh:
             self.hub.send(peer, [
                 *wire.frame(MsgType.PARAMS, params, step=self.step, dtype=DType.F32),

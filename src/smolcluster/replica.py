@@ -72,8 +72,10 @@ def build_replica(cfg: Config, model_factory: ModelFactory | None = None, meta: 
     flat = FlatModel(model)
     optimizer = build_optimizer(model, t)
     sizes = [p.numel() for p in model.parameters() if p.requires_grad]
-    buckets = make_buckets(sizes, max(1, int(c.bucket_mb * 2**20) // 4))
+    buckets = make_buckets(sizes, max(1, int(c.bucket_mb * 2**20) // 4), flat.nbuf)
     fingerprint = {**cfg.fingerprint(), "layout": layout(model)}
+    if flat.buffer_layout:
+        fingerprint["buffers"] = flat.buffer_layout
     if data_identity is not None:
         fingerprint["data"] = data_identity
     return Replica(model, flat, optimizer, buckets, fingerprint)

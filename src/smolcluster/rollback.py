@@ -27,7 +27,7 @@ def state_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
 
 def replica_finite(flat: FlatModel, optimizer: torch.optim.Optimizer) -> bool:
     """Whether parameters and optimizer state hold only finite numbers."""
-    sums = [flat.params.sum(), *(t.sum() for t in state_tensors(optimizer))]
+    sums = [flat.params.sum(), flat.buffers.sum(), *(t.sum() for t in state_tensors(optimizer))]
     return math.isfinite(float(torch.stack(sums).sum()))
 
 
@@ -38,6 +38,7 @@ class Snapshot:
         self.flat, self.optimizer, self.every = flat, optimizer, every
         self.step = -1
         self.params = torch.empty_like(flat.params)
+        self.buffers = torch.empty_like(flat.buffers)
         self.state: list[torch.Tensor] = []
 
     def due(self, step: int) -> bool:
@@ -46,6 +47,7 @@ class Snapshot:
     def take(self, step: int) -> None:
         """Copy the replica (checked finite by the caller) as it is after `step` steps."""
         self.params.copy_(self.flat.params)
+        self.buffers.copy_(self.flat.buffers)
         live = state_tensors(self.optimizer)
         if len(live) != len(self.state) or any(a.shape != b.shape for a, b in zip(live, self.state)):
             self.state = [t.detach().clone() for t in live]  # the state appears at the first step
@@ -58,6 +60,7 @@ class Snapshot:
         if self.step < 0:
             raise RuntimeError("no snapshot to roll back to")
         self.flat.params.copy_(self.params)
+        self.flat.buffers.copy_(self.buffers)
         live = state_tensors(self.optimizer)
         if live and len(live) == len(self.state):
             torch._foreach_copy_(live, self.state)

@@ -18,7 +18,7 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
@@ -30,6 +30,9 @@ from smolcluster.config import Config, diff_fingerprints
 from smolcluster.errors import ClusterError
 from smolcluster.faults import Fault
 from smolcluster.hub import Hub, Peer
+
+if TYPE_CHECKING:
+    from smolcluster.api import Job
 from smolcluster.members import Membership
 from smolcluster.progress import Progress
 from smolcluster.results import Counters, save_model, step_ms_stats, write_summary
@@ -42,8 +45,8 @@ from smolcluster.wire import DType, MsgType
 
 class Server(Membership):
     def __init__(self, cfg: Config, *, resume: bool = False, insecure: bool = False,
-                 faults: list[Fault] | None = None) -> None:
-        self.cfg = cfg
+                 faults: list[Fault] | None = None, job: Job | None = None) -> None:
+        self.cfg, self.job = cfg, job
         c, t = cfg.cluster, cfg.training
         self.token = auth.load_token(c.token_file)
         host = c.bind_address()
@@ -55,7 +58,7 @@ class Server(Membership):
                     "--insecure on a network you trust"
                 )
             logger.warning(f"listening on {host} WITHOUT a cluster token (--insecure): anyone on the network can join")
-        self.replica = build_replica(cfg)
+        self.replica = build_replica(cfg, job.model if job else None)
         self.model, self.flat, self.optimizer = self.replica.model, self.replica.flat, self.replica.optimizer
         self.fingerprint = self.replica.fingerprint
         self.test = data.load_split(cfg.dataset, "test", c.seed)
@@ -206,7 +209,8 @@ class Server(Membership):
         Workers are one step ahead of the server's rollback by now (they applied the bad average
         and sent gradients for this step from it); those gradients are dropped as stale."""
         self.resync_step = self.step + 1
-        params, state = bytes(self.flat.param_bytes), encode_state(self.optimizer)
+        self.flat.count_steps(self.resync_step)
+        params, state = bytes(self.flat.param_bytes), encode_state(self.optimizer, self.flat.buffers)
         for peer in [p for p in self.workers.values() if p.synced]:
             self.hub.send(peer, [
                 *wire.frame(MsgType.PARAMS, params, step=self.resync_step, dtype=DType.F32),
@@ -237,6 +241,7 @@ class Server(Membership):
             for peer in self.workers.values():
                 peer.writer.own()
         optimizer_step(self.optimizer, t, self.step, self.total_steps)
+        self.flat.count_steps(self.step + 1)
         self.healthy = healthy = self._check_replica()
         last = self.step == self.total_steps - 1
         if healthy and (last or (c.checksum_steps and (self.step + 1) % c.checksum_steps == 0)):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from loguru import logger
@@ -28,6 +28,9 @@ from smolcluster.tracking import NullTracker, Tracker, start_tracker
 from smolcluster.train import loss_fn, optimizer_step
 from smolcluster.wire import DType, Header, MsgType, ProtocolError
 
+if TYPE_CHECKING:
+    from smolcluster.api import Job
+
 
 class Resynced(Exception):
     """The server rolled its replica back and sent it to us: training goes on from `step`."""
@@ -40,7 +43,7 @@ class Resynced(Exception):
 class Worker:
     def __init__(
         self, cfg: Config, worker_id: int, host: str | None = None, faults: list[Fault] | None = None,
-        save_params: Path | None = None,
+        save_params: Path | None = None, job: Job | None = None,
     ) -> None:
         c, t = cfg.cluster, cfg.training
         if not 1 <= worker_id <= c.num_workers:
@@ -49,7 +52,8 @@ class Worker:
         self.token = auth.load_token(c.token_file)
         self.faults = {f.step: f for f in faults or []}
         self.save_params = save_params
-        self.replica = build_replica(cfg)
+        self.replica = build_replica(cfg, job.model if job else None)
+        self.loss = job.loss if job and job.loss else loss_fn
         self.model, self.flat, self.optimizer = self.replica.model, self.replica.flat, self.replica.optimizer
         self.buckets = self.replica.buckets
         n_train = data.split_size(cfg.dataset, "train")
@@ -88,11 +92,12 @@ class Worker:
         """The parameters already landed in place; take the optimizer state too, then start over at `step`."""
         _, state = self._expect(MsgType.STATE, step, self.cfg.cluster.worker_timeout)
         try:
-            decode_state(self.optimizer, bytes(state), self.peer)
+            decode_state(self.optimizer, bytes(state), self.peer, self.flat.buffers)
         except CheckpointError as e:
             raise WorkerError(str(e)) from None
         assert self.exchange is not None
         self.exchange.restart()
+        self.flat.count_steps(step)
         logger.warning(f"the server rolled back its replica; resynced to its parameters, training on from step {step}")
         raise Resynced(step)
 
@@ -112,9 +117,10 @@ class Worker:
         header, _ = self._expect(MsgType.PARAMS, 0, c.join_timeout + c.worker_timeout)
         _, state = self._expect(MsgType.STATE, header.step, c.worker_timeout)
         try:
-            decode_state(self.optimizer, bytes(state), self.peer)
+            decode_state(self.optimizer, bytes(state), self.peer, self.flat.buffers)
         except CheckpointError as e:
             raise WorkerError(str(e)) from None
+        self.flat.count_steps(header.step)
         return header.step
 
     def run(self) -> dict[str, Any]:
@@ -205,7 +211,7 @@ class Worker:
         idx = self._batches[step % self.steps_per_epoch]
         t0 = time.monotonic()
         self.flat.zero_grad()
-        loss = loss_fn(self.model(self.train.x[idx]), self.train.y[idx])
+        loss = self.loss(self.model(self.train.x[idx]), self.train.y[idx])
         self.flat.loss = loss.item()
         loss = self._inject(step, loss)
         assert self.exchange is not None
@@ -220,6 +226,7 @@ class Worker:
                 break
         t2 = time.monotonic()
         optimizer_step(self.optimizer, t, step, total)
+        self.flat.count_steps(step + 1)
         if step == total - 1 or (c.checksum_steps and (step + 1) % c.checksum_steps == 0):
             assert self.link is not None
             self.link.send(MsgType.CHECKSUM, {"crc": self.flat.checksum()}, step=step)
