@@ -324,3 +324,18 @@ def test_identity_of_mnist_takes_milliseconds():
     start = time.perf_counter()
     ident = data.identity(d.train, d.test, d.meta, 0)
     assert time.perf_counter() - start < 0.2 and ident == d.meta.identity
+
+
+def test_the_image_transform_is_what_a_transforms_v2_compose_gives(tmp_path):
+    from PIL import Image
+    from torchvision.transforms import v2
+
+    from smolcluster.datasets.images import transform_for
+
+    write_images(tmp_path / "imgs", classes=("a",), per_class=1)
+    cfg = DatasetConfig(name="image_folder", path=str(tmp_path / "imgs"), image_size=[5, 7])
+    compose = v2.Compose([v2.ToImage(), v2.Resize((5, 7), antialias=True), v2.ToDtype(torch.float32, scale=True),
+                          v2.Normalize([0.5] * 3, [0.5] * 3)])
+    with Image.open(tmp_path / "imgs" / "a" / "0.png") as img:
+        rgb = img.convert("RGB")
+    assert torch.equal(transform_for(cfg)(rgb), compose(rgb))
