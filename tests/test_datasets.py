@@ -13,7 +13,7 @@ import torch
 
 from smolcluster import data
 from smolcluster.config import DatasetConfig, load_config
-from smolcluster.datasets import Data, DataMeta, Split
+from smolcluster.datasets import DataMeta, Split
 from smolcluster.errors import ConfigError, DataFileError
 
 
