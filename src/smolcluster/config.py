@@ -345,30 +345,147 @@ class ModelConfig:
 
 @dataclass(kw_only=True, slots=True, frozen=True)
 class DatasetConfig:
-    """Which data to train on; MNIST ships with the repository, synthetic is for fast tests."""
+    """Which data to train on: a built-in dataset, files of your own, or your own loader by import path."""
 
     OPEN_KEY: ClassVar[str] = "name"
-    BUILT_IN: ClassVar[tuple[str, ...]] = ("MNIST", "synthetic")
+    BUILT_IN: ClassVar[tuple[str, ...]] = ("MNIST", "synthetic", "csv", "image_folder", "text")
+    READ_BY: ClassVar[dict[str, tuple[str, ...]]] = {
+        "path": ("csv", "image_folder", "text"), "test_path": ("csv", "image_folder", "text"),
+        "test_fraction": ("csv", "image_folder", "text"), "label_column": ("csv",), "feature_columns": ("csv",),
+        "header": ("csv",), "image_size": ("image_folder",), "grayscale": ("image_folder",),
+        "memory_mb": ("image_folder",), "context": ("text",),
+    }
+    """The keys only some built-in datasets read; given to another, they are an error, and for an
+    import-path dataset they are keyword arguments like its other keys."""
+    IMAGES: ClassVar[tuple[str, ...]] = ("MNIST", "synthetic", "image_folder")
 
     name: str = "MNIST"
-    """MNIST (shipped in data/mnist, no download) or synthetic (MNIST-shaped noise, for tests); or
-    `package.module:callable` returning (train, test), called with this section's other keys."""
+    """MNIST (shipped in data/mnist, no download), synthetic (MNIST-shaped noise, for tests), csv (a
+    table: path, label_column), image_folder (one folder of images per class: path), text
+    (character-level language modelling: path, context); or `package.module:callable` returning
+    (train, test), called with this section's other keys (see smolcluster/datasets/custom.py)."""
     root: str | None = None
-    """Folder with the MNIST IDX files; default: $SMOLCLUSTER_DATA, else the repository's data/mnist."""
+    """MNIST: folder with the IDX files (default: $SMOLCLUSTER_DATA, else the repository's
+    data/mnist). csv, image_folder, text: folder that relative `path` and `test_path` are taken from
+    (default: the current directory). Each machine's own: the handshake does not compare it."""
     train_size: int = 0
     """Use only the first this many training samples (0: all; synthetic: default 4096)."""
     test_size: int = 0
     """Use only the first this many test samples (0: all; synthetic: default 1024)."""
+    path: str | None = None
+    """csv: the file; image_folder: the folder holding one folder of images per class; text: a text
+    file, plain or gzip (default: the shipped data/tinyshakespeare/input.txt.gz)."""
+    test_path: str | None = None
+    """csv, image_folder, text: a separate test file (folder) like `path`; default: none, the test
+    set is split off `path` (test_fraction)."""
+    test_fraction: float = 0.1
+    """Without test_path, this fraction of `path` is the test set: csv and image_folder a seeded
+    random choice of samples (data.py says how), text the last characters (0.1: the usual split)."""
+    label_column: int | str | None = None
+    """csv (required): the label column, by its header name or 0-based index. Integer labels are
+    class indices; any other labels are names, numbered in sorted order."""
+    feature_columns: list[int | str] | None = None
+    """csv: the feature columns, by name or 0-based index; default: every column but the label.
+    Features are standardised with the training set's mean and standard deviation per column."""
+    header: bool = True
+    """csv: the first row names the columns (false: every row is data; columns by index only)."""
+    image_size: int | list[int] | None = None
+    """image_folder: resize every image to this size (one number: square; or [height, width]);
+    default: as the files are (then they must all have one size)."""
+    grayscale: bool = False
+    """image_folder: one channel instead of three (RGB)."""
+    memory_mb: float = 1024.0
+    """image_folder: decode every image up front when all of them take at most this many MiB as
+    float32, else decode each when its batch is due, in a background thread (0: always the latter)."""
+    context: int = 64
+    """text: characters per sample (the sequence length); the target is the same shifted by one."""
+    version: str | None = None
+    """Your name for this data's version; the handshake compares it instead of a digest of a sample
+    of the data (which misses a change in samples it did not pick)."""
+    validation_split: float = 0.0
+    """Fraction of each worker's shard it holds out for validation (0: none; below 1)."""
+    augment: bool = False
+    """Images: rotate, shift and scale every training sample at random, drawn from (seed, worker,
+    epoch, step) so reruns are identical."""
+    augment_degrees: float = 10.0
+    """augment: largest rotation, in degrees either way."""
+    augment_translate: float = 0.1
+    """augment: largest shift, as a fraction of the width (height) either way."""
+    augment_scale: float = 0.1
+    """augment: largest change of size, as a fraction either way (0.1: 0.9x to 1.1x)."""
 
     options: dict[str, Any] = field(default_factory=dict)
     """The keyword arguments of an import-path dataset (its section's keys that are not listed here)."""
 
     def __post_init__(self) -> None:
-        if self.name not in self.BUILT_IN and not is_import_path(self.name):
+        if is_import_path(self.name):
+            self._hand_loader_keys_to_options()
+        elif self.name not in self.BUILT_IN:
             raise ConfigError(f"name: unknown dataset {_quote(self.name)}; choose one of {list(self.BUILT_IN)} "
                               "or give an import path package.module:callable")
         _positive("train_size", self.train_size, allow_zero=True)
         _positive("test_size", self.test_size, allow_zero=True)
+        if self.name in ("csv", "image_folder") and not self.path:
+            raise ConfigError(f"path: the {self.name} dataset needs it ("
+                              + ("the CSV file)" if self.name == "csv" else "a folder with one folder of images per class)"))
+        if self.name == "csv" and self.label_column is None:
+            raise ConfigError("label_column: the csv dataset needs it (a header name or 0-based column index)")
+        for name in ("test_fraction", "validation_split", "augment_translate", "augment_scale"):
+            value = getattr(self, name)
+            _positive(name, value, allow_zero=True)
+            if value >= 1 or (name == "test_fraction" and value == 0):
+                bounds = "0 < x < 1" if name == "test_fraction" else "0 <= x < 1"
+                raise ConfigError(f"{name}: expected a fraction {bounds}, got {value!r}")
+        _positive("augment_degrees", self.augment_degrees, allow_zero=True)
+        _positive("memory_mb", self.memory_mb, allow_zero=True)
+        _positive("context", self.context)
+        if self.label_column is not None:
+            _column("label_column", self.label_column)
+        for i, column in enumerate(self.feature_columns or []):
+            _column(f"feature_columns[{i}]", column)
+        if self.feature_columns is not None and not self.feature_columns:
+            raise ConfigError("feature_columns: expected at least one column (or leave it out: all but the label)")
+        if self.image_size is not None:
+            sizes = [self.image_size] if isinstance(self.image_size, int) else self.image_size
+            if len(sizes) not in (1, 2) or any(v < 1 for v in sizes):
+                raise ConfigError(f"image_size: expected a positive size or [height, width], got {_quote(self.image_size)}")
+        for key, readers in self.READ_BY.items():  # after the checks: a key's value may be what is wrong
+            if self.name not in readers and getattr(self, key) != _DATASET_DEFAULTS[key]:
+                raise ConfigError(f"{key}: {self.name} does not read it (only {', '.join(readers)})")
+        if self.augment and self.name in self.BUILT_IN and self.name not in self.IMAGES:
+            raise ConfigError(f"augment: only for images ({', '.join(self.IMAGES)}), not {self.name}")
+
+    def _hand_loader_keys_to_options(self) -> None:
+        """An import-path dataset's `path: ...` is its keyword argument, not the csv loader's."""
+        given = {k: getattr(self, k) for k in self.READ_BY if getattr(self, k) != _DATASET_DEFAULTS[k]}
+        if given:
+            object.__setattr__(self, "options", {**given, **self.options})
+            for key in given:
+                object.__setattr__(self, key, _DATASET_DEFAULTS[key])
+
+    @property
+    def image_hw(self) -> tuple[int, int] | None:
+        """image_size as (height, width), or None."""
+        if self.image_size is None:
+            return None
+        sizes = [self.image_size] if isinstance(self.image_size, int) else self.image_size
+        return (sizes[0], sizes[-1])
+
+
+def _column(name: str, value: int | str) -> None:
+    """A 0-based index, or a header name that does not read as a number ('3' could mean either)."""
+    if isinstance(value, int):
+        _positive(name, value, allow_zero=True)
+        return
+    try:
+        float(value)
+    except ValueError:
+        return
+    raise ConfigError(f"{name}: expected an integer (a 0-based column index) or a column name that is not a "
+                      f"number, got {_quote(value)}")
+
+
+_DATASET_DEFAULTS = {f.name: f.default for f in dataclasses.fields(DatasetConfig) if f.default is not dataclasses.MISSING}
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)

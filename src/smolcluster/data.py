@@ -1,4 +1,8 @@
-"""Datasets and the deterministic partition rule every machine computes for itself.
+"""Loading a dataset, and the deterministic rules every machine computes for itself.
+
+`load_data(cfg, seed)` gives a `Data` (train and test Datasets plus `DataMeta`); the datasets
+themselves are in `smolcluster/datasets/`. The rules below work on sample indices, so they apply
+to any dataset (for `text`, the indices are the windows' start positions).
 
 The partition rule (public, and the same on any machine, Python version or torch build):
 
@@ -8,116 +12,74 @@ The partition rule (public, and the same on any machine, Python version or torch
 2. Every worker gets `n // num_workers` samples: worker k (1-based) takes positions
    `(k-1)*s .. k*s-1` of the permutation. The last `n % num_workers` positions are left out
    (the remainder: fewer than `num_workers` samples).
-3. Each epoch, worker k visits its shard in the order given by the same kind of draw from
-   `random.Random(f"smolcluster-epoch:{seed}:{epoch}:{k}")`, in batches of `batch_size`; the last
-   batch of an epoch may be smaller (its gradient is weighted by its size, so nothing is lost).
+3. With `dataset.validation_split` f > 0, worker k holds out `v = max(1, round(s * f))` samples of
+   its shard for validation: the shard positions at the first `v` places of the permutation drawn
+   as in 1. from `random.Random(f"smolcluster-holdout:{seed}:{k}")` over `s` items. It trains on
+   the other `s - v` (train and validation each in shard order; every worker holds out as many).
+4. Each epoch, worker k visits its training samples in the order given by the same kind of draw
+   from `random.Random(f"smolcluster-epoch:{seed}:{epoch}:{k}")`, in batches of `batch_size`; the
+   last batch of an epoch may be smaller (its gradient is weighted by its size, so nothing is lost).
+
+A file without a separate test file (csv, image_folder; `dataset.test_fraction` f) is split the
+same way: of its `n` samples, those at the first `max(1, round(n * f))` places of the permutation
+drawn from `random.Random(f"smolcluster-test:{seed}")` are the test set, the rest the training
+set, both in file order. `dataset.train_size` / `test_size` then keep the first N of each.
 """
 
 from __future__ import annotations
 
-import gzip
+import dataclasses
+import hashlib
+import importlib
+import json
 import math
-import os
 import random
-import struct
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
+from torch.utils.data import Dataset
 
-from smolcluster.config import REPO_ROOT, DatasetConfig
+from smolcluster.config import DatasetConfig
+from smolcluster.datasets import Data, DataMeta, Split, fetch, first, take
+from smolcluster.datasets.mnist import MNIST_FILES, SYNTHETIC_SIZES, load_mnist, mnist_root, mnist_size, synthetic
 from smolcluster.errors import DataError
 
-MNIST_FILES = {
-    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
-}
-MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
-SYNTHETIC_SIZES = {"train": 4096, "test": 1024}
+__all__ = [
+    "Data", "DataMeta", "Split", "DataError", "load_data", "take", "fetch", "identity", "split_test", "holdout",
+    "partition", "epoch_order", "epoch_batches", "steps_per_epoch", "train_shard_size", "load_split", "split_size",
+    "MNIST_FILES", "load_mnist", "mnist_root", "synthetic",
+]
+
+LOADERS = {"MNIST": "mnist", "synthetic": "mnist", "csv": "table", "image_folder": "images", "text": "text"}
+"""Built-in dataset name -> its module in smolcluster.datasets; anything else is an import path."""
+IDENTITY_ITEMS = 64
+"""Samples of each split whose bytes go into the identity digest."""
 
 
-@dataclass(slots=True)
-class Split:
-    """Images as float32 (n, 1, 28, 28), normalised; labels as int64 (n,)."""
-
-    x: torch.Tensor
-    y: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-
-def mnist_root(cfg: DatasetConfig) -> Path:
-    """The configured root, else $SMOLCLUSTER_DATA, else the repository's data/mnist."""
-    if cfg.root:
-        return Path(cfg.root)
-    if os.environ.get("SMOLCLUSTER_DATA"):
-        return Path(os.environ["SMOLCLUSTER_DATA"])
-    return REPO_ROOT / "data" / "mnist"
+def load_data(cfg: DatasetConfig, seed: int) -> Data:
+    """The dataset `cfg` names: train and test (their first train_size / test_size samples) and meta."""
+    module = importlib.import_module(f"smolcluster.datasets.{LOADERS.get(cfg.name, 'custom')}")
+    loaded: Data = module.load(cfg, seed)
+    train, test = first(loaded.train, cfg.train_size), first(loaded.test, cfg.test_size)
+    if not len(train) or not len(test):
+        raise DataError(f"dataset {cfg.name}: {len(train)} training and {len(test)} test samples; it needs both")
+    meta = dataclasses.replace(loaded.meta, identity=identity(train, test, loaded.meta, seed, cfg.version))
+    return Data(train, test, meta)
 
 
-def _read_idx(path: Path, magic: int) -> tuple[tuple[int, ...], bytes]:
-    try:
-        with gzip.open(path, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        raise DataError(
-            f"{path} not found: MNIST ships in the repository's data/mnist; set dataset.root "
-            "(or $SMOLCLUSTER_DATA) if you keep it elsewhere"
-        ) from None
-    except (OSError, EOFError) as e:
-        raise DataError(f"{path}: not a readable gzip file ({e})") from None
-    ndim = 3 if magic == 2051 else 1
-    head = 4 + 4 * ndim
-    if len(raw) < head or struct.unpack(">I", raw[:4])[0] != magic:
-        raise DataError(f"{path}: not an IDX file with magic {magic}")
-    dims = struct.unpack(f">{ndim}I", raw[4:head])
-    if len(raw) - head != math.prod(dims):
-        raise DataError(f"{path}: header says {dims} but holds {len(raw) - head} bytes")
-    return dims, raw[head:]
-
-
-def load_mnist(root: Path, split: str, limit: int = 0, indices: torch.Tensor | None = None) -> Split:
-    """Parse the IDX files directly (no torchvision, no network); keep only `indices` if given."""
-    img_name, lbl_name = MNIST_FILES[split]
-    (n, rows, cols), pixels = _read_idx(root / img_name, 2051)
-    (m,), labels = _read_idx(root / lbl_name, 2049)
-    if n != m:
-        raise DataError(f"{root}: {n} {split} images but {m} labels")
-    n = min(n, limit) if limit else n
-    x = torch.frombuffer(bytearray(pixels[: n * rows * cols]), dtype=torch.uint8).view(n, 1, rows, cols)
-    y = torch.frombuffer(bytearray(labels[:n]), dtype=torch.uint8).long()
-    if indices is not None:
-        x, y = x[indices], y[indices]
-    return Split(x.float().div_(255.0).sub_(MNIST_MEAN).div_(MNIST_STD), y)
-
-
-def synthetic(split: str, n: int, seed: int) -> Split:
-    """Ten noisy class prototypes shaped like MNIST: learnable in a few steps, for fast tests."""
-    g = torch.Generator().manual_seed(seed)
-    prototypes = torch.randn(10, 1, 28, 28, generator=g)
-    g.manual_seed(seed * 2 + (1 if split == "train" else 2))
-    y = torch.randint(0, 10, (n,), generator=g)
-    x = prototypes[y] + 1.5 * torch.randn(n, 1, 28, 28, generator=g)
-    return Split(x, y)
-
-
-def load_split(cfg: DatasetConfig, split: str, seed: int, indices: torch.Tensor | None = None) -> Split:
-    """The train or test split the config names, optionally only the samples at `indices`."""
-    limit = cfg.train_size if split == "train" else cfg.test_size
-    if cfg.name == "synthetic":
-        data = synthetic(split, limit or SYNTHETIC_SIZES[split], seed)
-        return data if indices is None else Split(data.x[indices], data.y[indices])
-    return load_mnist(mnist_root(cfg), split, limit, indices)
-
-
-def split_size(cfg: DatasetConfig, split: str) -> int:
-    """Number of samples in a split, without loading the images."""
-    limit = cfg.train_size if split == "train" else cfg.test_size
-    if cfg.name == "synthetic":
-        return limit or SYNTHETIC_SIZES[split]
-    (full,), _ = _read_idx(mnist_root(cfg) / MNIST_FILES[split][1], 2049)
-    return min(full, limit) if limit else full
+def identity(train: Dataset, test: Dataset, meta: DataMeta, seed: int, version: str | None = None) -> dict:
+    """What the handshake compares: the sizes, and `version` or a sha256 of the meta and the bytes
+    of IDENTITY_ITEMS samples of each split chosen by `seed` (milliseconds, however large the data)."""
+    out: dict = {"train": len(train), "test": len(test)}
+    if version is not None:
+        return {**out, "version": version}
+    h = hashlib.sha256(json.dumps([meta.task, meta.classes, list(meta.input_shape), meta.vocab]).encode())
+    for name, ds in (("train", train), ("test", test)):
+        picks = random.Random(f"smolcluster-identity:{seed}:{name}").sample(range(len(ds)), min(IDENTITY_ITEMS, len(ds)))
+        for t in fetch(ds, torch.tensor(sorted(picks), dtype=torch.int64)):
+            t = t.detach().cpu().contiguous()
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return {**out, "sha256": h.hexdigest()}
 
 
 def _permutation(n: int, key: str) -> torch.Tensor:
@@ -126,8 +88,41 @@ def _permutation(n: int, key: str) -> torch.Tensor:
     return torch.argsort(draws, stable=True)
 
 
+def _held(n: int, fraction: float) -> int:
+    return 0 if fraction <= 0 else max(1, round(n * fraction))
+
+
+def _cut_off(n: int, count: int, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rest, first `count` of the permutation drawn from `key`), each ascending."""
+    perm = _permutation(n, key)
+    return perm[count:].sort().values, perm[:count].sort().values
+
+
+def split_test(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, test) indices of a file of `n` samples without a test file; see the module docstring."""
+    count = _held(n, fraction)
+    if count >= n:
+        raise DataError(f"cannot split {n} samples into training and test (test_fraction {fraction})")
+    return _cut_off(n, count, f"smolcluster-test:{seed}")
+
+
+def holdout(shard: torch.Tensor, fraction: float, seed: int, worker_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, validation) dataset indices of worker `worker_id`'s shard: disjoint, together the shard."""
+    count = _held(len(shard), fraction)
+    if count >= len(shard) > 0:
+        raise DataError(f"validation_split {fraction} of a shard of {len(shard)} leaves nothing to train on")
+    rest, held = _cut_off(len(shard), count, f"smolcluster-holdout:{seed}:{worker_id}")
+    return shard[rest], shard[held]
+
+
 def shard_size(n: int, num_workers: int) -> int:
     return n // num_workers
+
+
+def train_shard_size(n: int, num_workers: int, validation_split: float = 0.0) -> int:
+    """Samples each worker trains on: its shard less what `holdout` keeps for validation."""
+    s = shard_size(n, num_workers)
+    return s - _held(s, validation_split)
 
 
 def partition(n: int, num_workers: int, seed: int) -> list[torch.Tensor]:
@@ -144,5 +139,29 @@ def epoch_order(size: int, seed: int, epoch: int, worker_id: int) -> torch.Tenso
     return _permutation(size, f"smolcluster-epoch:{seed}:{epoch}:{worker_id}")
 
 
-def steps_per_epoch(n: int, num_workers: int, batch_size: int) -> int:
-    return math.ceil(shard_size(n, num_workers) / batch_size)
+def steps_per_epoch(n: int, num_workers: int, batch_size: int, validation_split: float = 0.0) -> int:
+    return math.ceil(train_shard_size(n, num_workers, validation_split) / batch_size)
+
+
+# --- what server and worker called before load_data; kept until they move over ----------------
+
+
+def load_split(cfg: DatasetConfig, split: str, seed: int, indices: torch.Tensor | None = None) -> Split:
+    """The train or test split as in-memory tensors, optionally only the samples at `indices`."""
+    if cfg.name in ("MNIST", "synthetic"):  # without the other split, and only the shard as floats
+        from smolcluster.datasets import mnist
+
+        return mnist.load_split(cfg, split, seed, indices)
+    ds = getattr(load_data(cfg, seed), split)
+    if indices is not None:
+        ds = take(ds, indices)
+    return ds if isinstance(ds, Split) else Split(*fetch(ds, torch.arange(len(ds))))
+
+
+def split_size(cfg: DatasetConfig, split: str) -> int:
+    """Number of samples in a split (MNIST and synthetic without loading the images)."""
+    if cfg.name == "MNIST":
+        return mnist_size(cfg, split)
+    if cfg.name == "synthetic":
+        return (cfg.train_size if split == "train" else cfg.test_size) or SYNTHETIC_SIZES[split]
+    return len(getattr(load_data(cfg, 0), split))
