@@ -157,7 +157,9 @@ def _server(args: argparse.Namespace, cfg: Config, _: list[str], job: Job | None
 
     watch_parent()
     summary = Server(cfg, resume=args.resume, insecure=args.insecure, faults=_faults(args.fault), job=job).run()
-    print(f"test accuracy: {summary['test_accuracy']:.2f}%", flush=True)
+    from smolcluster.results import headline
+
+    print(headline(summary), flush=True)
     return 0
 
 
@@ -189,9 +191,11 @@ def _run(args: argparse.Namespace, cfg: Config, passthrough: list[str], job: Job
                      program=job.program if job else None)
     summary_path = Path(cfg.training.out_dir) / "summary.json"
     if code == 0 and summary_path.exists():
+        from smolcluster.results import headline
+
         summary = json.loads(summary_path.read_text())
         print(
-            f"test accuracy: {summary['test_accuracy']:.2f}% ({summary['steps']} steps, "
+            f"{headline(summary)} ({summary['steps']} steps, "
             f"{summary['workers']} workers, {summary['wall_s']:.1f} s); "
             f"model and summary in {summary_path.parent}/",
             flush=True,

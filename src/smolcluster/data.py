@@ -34,6 +34,7 @@ import importlib
 import json
 import math
 import random
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
@@ -45,7 +46,7 @@ from smolcluster.errors import DataError
 
 __all__ = [
     "Data", "DataMeta", "Split", "DataError", "load_data", "take", "fetch", "identity", "split_test", "holdout",
-    "partition", "epoch_order", "epoch_batches", "steps_per_epoch", "train_shard_size", "load_split", "split_size",
+    "partition", "epoch_order", "steps_per_epoch", "train_shard_size", "load_split", "split_size",
     "MNIST_FILES", "load_mnist", "mnist_root", "synthetic",
 ]
 
@@ -55,10 +56,16 @@ IDENTITY_ITEMS = 64
 """Samples of each split whose bytes go into the identity digest."""
 
 
-def load_data(cfg: DatasetConfig, seed: int) -> Data:
-    """The dataset `cfg` names: train and test (their first train_size / test_size samples) and meta."""
-    module = importlib.import_module(f"smolcluster.datasets.{LOADERS.get(cfg.name, 'custom')}")
-    loaded: Data = module.load(cfg, seed)
+def load_data(cfg: DatasetConfig, seed: int, source: Any = None) -> Data:
+    """The dataset `cfg` names (or a Job's `source`: what an import-path dataset may return, or a
+    callable returning it): train and test (their first train_size / test_size samples) and meta."""
+    if source is not None:
+        from smolcluster.datasets import custom
+
+        loaded = custom.coerce(source() if callable(source) else source, "Job.data")
+    else:
+        module = importlib.import_module(f"smolcluster.datasets.{LOADERS.get(cfg.name, 'custom')}")
+        loaded = module.load(cfg, seed)
     train, test = first(loaded.train, cfg.train_size), first(loaded.test, cfg.test_size)
     if not len(train) or not len(test):
         raise DataError(f"dataset {cfg.name}: {len(train)} training and {len(test)} test samples; it needs both")
@@ -113,6 +120,16 @@ def holdout(shard: torch.Tensor, fraction: float, seed: int, worker_id: int) -> 
         raise DataError(f"validation_split {fraction} of a shard of {len(shard)} leaves nothing to train on")
     rest, held = _cut_off(len(shard), count, f"smolcluster-holdout:{seed}:{worker_id}")
     return shard[rest], shard[held]
+
+
+def eval_subset(dataset: Dataset, samples: int, seed: int) -> Dataset:
+    """At most `samples` of `dataset` (0: all), the same ones on every machine and at every
+    evaluation: a text set has a million windows, and evaluating all of them every time would
+    cost more than the training it measures."""
+    if not samples or samples >= len(dataset):
+        return dataset
+    picks = random.Random(f"smolcluster-eval:{seed}").sample(range(len(dataset)), samples)
+    return take(dataset, torch.tensor(sorted(picks), dtype=torch.int64))
 
 
 def shard_size(n: int, num_workers: int) -> int:

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
     from smolcluster.buckets import Bucket
     from smolcluster.config import Config
+    from smolcluster.datasets import DataMeta
     from smolcluster.flat import FlatModel
 
 ModelFactory = Callable[[], "nn.Module"]
@@ -55,9 +56,9 @@ def seeded(factory: ModelFactory, seed: int) -> nn.Module:
     return model
 
 
-def build_replica(cfg: Config, model_factory: ModelFactory | None = None, meta: Any = None,
-                  data_identity: dict[str, Any] | None = None) -> Replica:
-    """Model (seeded), flat buffers, optimizer, buckets and fingerprint for `cfg`."""
+def build_replica(cfg: Config, model_factory: ModelFactory | None = None, meta: DataMeta | None = None) -> Replica:
+    """Model (seeded), flat buffers, optimizer, buckets and fingerprint for `cfg` and the data
+    `meta` describes (its sizes fill in the model's; its identity joins the fingerprint)."""
     from smolcluster.buckets import make_buckets
     from smolcluster.flat import FlatModel
     from smolcluster.models import build_model, layout
@@ -68,7 +69,7 @@ def build_replica(cfg: Config, model_factory: ModelFactory | None = None, meta: 
     if model_factory is not None:
         model = seeded(model_factory, c.seed)
     else:
-        model = build_model(cfg.model, c.seed, meta) if meta is not None else build_model(cfg.model, c.seed)
+        model = build_model(cfg.model, c.seed, meta)
     flat = FlatModel(model)
     optimizer = build_optimizer(model, t)
     sizes = [p.numel() for p in model.parameters() if p.requires_grad]
@@ -76,6 +77,6 @@ def build_replica(cfg: Config, model_factory: ModelFactory | None = None, meta: 
     fingerprint = {**cfg.fingerprint(), "layout": layout(model)}
     if flat.buffer_layout:
         fingerprint["buffers"] = flat.buffer_layout
-    if data_identity is not None:
-        fingerprint["data"] = data_identity
+    if meta is not None:
+        fingerprint["data"] = meta.identity
     return Replica(model, flat, optimizer, buckets, fingerprint)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 import json
 import os
 import re
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -139,3 +139,14 @@ def step_ms_stats(times: list[float], skip: int = 5) -> dict[str, float]:
         return {}
     return {"median": round(1e3 * kept[len(kept) // 2], 3), "min": round(1e3 * kept[0], 3),
             "max": round(1e3 * kept[-1], 3), "steps": len(kept)}
+
+
+def headline(result: dict[str, Any], loss: bool = False) -> str:
+    """A run's result in words: test accuracy for a classifier (with its loss if `loss`), test loss
+    and bits per character for a language model (keys as in summary.json: test_accuracy,
+    test_loss, test_bpc)."""
+    if "test_accuracy" in result:
+        return f"test accuracy: {result['test_accuracy']:.2f}%" + (f" (loss {result['test_loss']:.4f})" if loss else "")
+    if "test_bpc" in result:
+        return f"test loss: {result['test_loss']:.4f} nats/char ({result['test_bpc']:.3f} bits/char)"
+    return f"test loss: {result.get('test_loss', float('nan')):.4f}"

@@ -35,11 +35,11 @@ if TYPE_CHECKING:
     from smolcluster.api import Job
 from smolcluster.members import Membership
 from smolcluster.progress import Progress
-from smolcluster.results import Counters, save_model, step_ms_stats, write_summary
+from smolcluster.results import Counters, headline, save_model, step_ms_stats, write_summary
 from smolcluster.rollback import Snapshot, replica_finite
 from smolcluster.tracking import group_name, start_tracker
 from smolcluster.replica import build_replica
-from smolcluster.train import evaluate, learning_rate, optimizer_step
+from smolcluster.train import learning_rate, make_loss, metrics, optimizer_step
 from smolcluster.wire import DType, MsgType
 
 
@@ -58,12 +58,15 @@ class Server(Membership):
                     "--insecure on a network you trust"
                 )
             logger.warning(f"listening on {host} WITHOUT a cluster token (--insecure): anyone on the network can join")
-        self.replica = build_replica(cfg, job.model if job else None)
+        loaded = data.load_data(cfg.dataset, c.seed, job.data if job else None)
+        self.meta, self.test = loaded.meta, data.eval_subset(loaded.test, t.eval_samples, c.seed)
+        n_train = len(loaded.train)
+        del loaded  # the server trains on nothing: only the test set stays
+        self.replica = build_replica(cfg, job.model if job else None, self.meta)
         self.model, self.flat, self.optimizer = self.replica.model, self.replica.flat, self.replica.optimizer
         self.fingerprint = self.replica.fingerprint
-        self.test = data.load_split(cfg.dataset, "test", c.seed)
-        n_train = data.split_size(cfg.dataset, "train")
-        self.steps_per_epoch = data.steps_per_epoch(n_train, c.num_workers, t.batch_size)
+        self.loss = job.loss if job and job.loss else make_loss(t)
+        self.steps_per_epoch = data.steps_per_epoch(n_train, c.num_workers, t.batch_size, cfg.dataset.validation_split)
         total = self.steps_per_epoch * t.num_epochs
         self.total_steps = min(total, t.max_steps) if t.max_steps else total
         self.avg = Averager(self.flat, self.replica.buckets, c.compression, c.int8_chunk, c.outlier_factor)
@@ -219,11 +222,12 @@ class Server(Membership):
             self._progressed(peer.worker_id)
 
     def _evaluate(self) -> dict[str, float]:
-        loss, acc = evaluate(self.model, self.test)
+        """The test metrics that fit the task: loss and accuracy, or loss and bits per character."""
+        measured = metrics(self.model, self.test, self.meta.task, self.loss)
         result = {"step": self.step + 1, "epoch": round((self.step + 1) / self.steps_per_epoch, 3),
-                  "test_loss": loss, "test_accuracy": acc}
+                  **{f"test_{k}": v for k, v in measured.items()}}
         self.evals.append(result)
-        logger.info(f"step {self.step + 1}/{self.total_steps}: test loss {loss:.4f}, test accuracy {acc:.2f}%")
+        logger.info(f"step {self.step + 1}/{self.total_steps}: {headline(result, loss=True)}")
         return result
 
     def _train_step(self) -> dict[str, Any]:
@@ -265,7 +269,7 @@ class Server(Membership):
             metrics.update({f"grad_norm/{k}": v for k, v in self.flat.layer_grad_norms().items()})
         if not last and t.eval_steps and (self.step + 1) % t.eval_steps == 0:
             result = self._evaluate()
-            metrics.update({"test/loss": result["test_loss"], "test/accuracy": result["test_accuracy"]})
+            metrics.update({f"test/{k[5:]}": v for k, v in result.items() if k.startswith("test_")})
         if not last and c.checkpoint_steps and (self.step + 1) % c.checkpoint_steps == 0:
             self._checkpoint()
         self.tracker.log(metrics, self.step)
@@ -317,10 +321,11 @@ class Server(Membership):
             final = self._evaluate()
             summary = self._summary(final, time.monotonic() - t_start, train_s, self.total_steps - start)
             self._save(summary)
-            logger.info(f"test accuracy {final['test_accuracy']:.2f}% after {self.total_steps} steps; "
+            logger.info(f"{headline(final)} after {self.total_steps} steps; "
                         f"saved {self.cfg.training.out_dir}/model.safetensors")
+            done = {k: v for k, v in final.items() if k.startswith("test_")}
             for peer in list(self.workers.values()):
-                self.hub.send(peer, wire.frame(MsgType.DONE, {"test_accuracy": final["test_accuracy"]}))
+                self.hub.send(peer, wire.frame(MsgType.DONE, done))
             self.hub.drain(10.0)
             self.tracker.finish(summary)
             return summary
@@ -353,8 +358,8 @@ class Server(Membership):
         t = self.cfg.training
         samples = steps_run * t.batch_size * self.cfg.cluster.num_workers
         return {
-            "test_accuracy": final["test_accuracy"],
-            "test_loss": final["test_loss"],
+            **{k: v for k, v in final.items() if k.startswith("test_")},
+            "task": self.meta.task,
             "steps": self.total_steps,
             "epochs": self.total_steps / self.steps_per_epoch,
             "workers": self.cfg.cluster.num_workers,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 from loguru import logger
@@ -23,9 +23,11 @@ from smolcluster.faults import Fault, inject
 from smolcluster.link import Link
 from smolcluster.progress import Progress
 from smolcluster.replica import build_replica
-from smolcluster.results import save_model
+from smolcluster.results import headline, save_model
 from smolcluster.tracking import NullTracker, Tracker, start_tracker
-from smolcluster.train import loss_fn, optimizer_step
+from smolcluster.augment import augment_batch
+from smolcluster.prefetch import batches
+from smolcluster.train import make_loss, metrics, optimizer_step
 from smolcluster.wire import DType, Header, MsgType, ProtocolError
 
 if TYPE_CHECKING:
@@ -52,14 +54,19 @@ class Worker:
         self.token = auth.load_token(c.token_file)
         self.faults = {f.step: f for f in faults or []}
         self.save_params = save_params
-        self.replica = build_replica(cfg, job.model if job else None)
-        self.loss = job.loss if job and job.loss else loss_fn
+        loaded = data.load_data(cfg.dataset, c.seed, job.data if job else None)
+        self.meta = loaded.meta
+        n_train = len(loaded.train)
+        shard = data.partition(n_train, c.num_workers, c.seed)[worker_id - 1]
+        mine, held = data.holdout(shard, cfg.dataset.validation_split, c.seed, worker_id)
+        self.train = data.take(loaded.train, mine)
+        self.val = data.eval_subset(data.take(loaded.train, held), t.eval_samples, c.seed) if len(held) else None
+        del loaded  # only this worker's shard stays in memory
+        self.steps_per_epoch = data.steps_per_epoch(n_train, c.num_workers, t.batch_size, cfg.dataset.validation_split)
+        self.replica = build_replica(cfg, job.model if job else None, self.meta)
+        self.loss = job.loss if job and job.loss else make_loss(t)
         self.model, self.flat, self.optimizer = self.replica.model, self.replica.flat, self.replica.optimizer
         self.buckets = self.replica.buckets
-        n_train = data.split_size(cfg.dataset, "train")
-        self.shard = data.partition(n_train, c.num_workers, c.seed)[worker_id - 1]
-        self.train = data.load_split(cfg.dataset, "train", c.seed, indices=self.shard)
-        self.steps_per_epoch = data.steps_per_epoch(n_train, c.num_workers, t.batch_size)
         self.address = (c.server_address(host), c.port)
         self.peer = f"server {self.address[0]}:{self.address[1]}"
         self.state_limit = self.replica.state_limit
@@ -67,6 +74,9 @@ class Worker:
         self.link: Link | None = None
         self._lost_at: float | None = None  # when the server went away, while we try to get it back
         self._training = False  # a PARAMS frame now is a resync after the server rolled back
+        self._batches: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._next = (-1, -1)
+        """(epoch, position) of the batch `_batches` yields next."""
 
     # --- I/O ------------------------------------------------------------------------------------
 
@@ -172,7 +182,7 @@ class Worker:
                 except Resynced:  # the last step was rolled back: confirm we hold what the server holds
                     self.link.send(MsgType.CHECKSUM, {"crc": self.flat.checksum()}, step=total - 1)
             done = wire.decode_json(payload, header, self.peer)
-            logger.info(f"training done; the server reports test accuracy {done.get('test_accuracy', 0):.2f}%")
+            logger.info(f"training done; the server reports {headline(done)}")
             return done
         except ServerLost as e:
             if not c.reconnect:
@@ -190,33 +200,53 @@ class Worker:
 
     def _train(self, start: int, total: int) -> None:
         bar = Progress(total, f"worker {self.id}", initial=start)
-        self._epoch, self._batches = -1, []
         step = start
-        while step < total:
-            try:
-                self._step(step, total)
-            except Resynced as r:  # this step is abandoned; the server goes on at r.step
-                bar.update(r.step - step)
-                step = r.step
-                continue
-            bar.update(1, loss=f"{self.flat.loss:.4f}")
-            step += 1
+        try:
+            while step < total:
+                try:
+                    self._step(step, total)
+                except Resynced as r:  # this step is abandoned; the server goes on at r.step
+                    bar.update(r.step - step)
+                    step = r.step
+                    self._close_batches()
+                    continue
+                bar.update(1, loss=f"{self.flat.loss:.4f}")
+                step += 1
+        finally:
+            self._close_batches()
         bar.close()
+
+    def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This step's batch: the epoch's order is the partition rule's; data not held in memory
+        is read a couple of batches ahead by prefetch.batches, off the step's critical path."""
+        c, t = self.cfg.cluster, self.cfg.training
+        epoch, at = divmod(step, self.steps_per_epoch)
+        if self._batches is None or self._next != (epoch, at):
+            self._close_batches()
+            order = data.epoch_order(len(self.train), c.seed, epoch, self.id).split(t.batch_size)
+            self._batches = batches(self.train, order[at:])
+        x, y = next(self._batches)
+        self._next = (epoch, at + 1) if at + 1 < self.steps_per_epoch else (epoch + 1, 0)
+        return augment_batch(x, self.cfg.dataset, c.seed, self.id, epoch, step), y
+
+    def _close_batches(self) -> None:
+        if self._batches is not None:
+            close = getattr(self._batches, "close", None)
+            if close is not None:
+                close()
+        self._batches, self._next = None, (-1, -1)
 
     def _step(self, step: int, total: int) -> None:
         c, t = self.cfg.cluster, self.cfg.training
-        if step // self.steps_per_epoch != self._epoch:
-            self._epoch = step // self.steps_per_epoch
-            self._batches = list(data.epoch_order(len(self.train), c.seed, self._epoch, self.id).split(t.batch_size))
-        idx = self._batches[step % self.steps_per_epoch]
+        x, y = self._batch(step)
         t0 = time.monotonic()
         self.flat.zero_grad()
-        loss = self.loss(self.model(self.train.x[idx]), self.train.y[idx])
+        loss = self.loss(self.model(x), y)
         self.flat.loss = loss.item()
         loss = self._inject(step, loss)
         assert self.exchange is not None
         own_loss = self.flat.loss
-        self.exchange.begin(step, len(idx))
+        self.exchange.begin(step, len(y))
         loss.backward()
         self.exchange.finish_backward()
         t1 = time.monotonic()
@@ -231,10 +261,19 @@ class Worker:
             assert self.link is not None
             self.link.send(MsgType.CHECKSUM, {"crc": self.flat.checksum()}, step=step)
         t3 = time.monotonic()
-        self.tracker.log({
-            "worker/loss": own_loss, "worker/global_loss": self.flat.loss,
-            "time/compute_s": (t1 - t0) + (t3 - t2), "time/communicate_s": t2 - t1, "time/step_s": t3 - t0,
-        }, step)
+        row = {"worker/loss": own_loss, "worker/global_loss": self.flat.loss,
+               "time/compute_s": (t1 - t0) + (t3 - t2), "time/communicate_s": t2 - t1, "time/step_s": t3 - t0}
+        if self.val is not None and (step == total - 1 or (t.eval_steps and (step + 1) % t.eval_steps == 0)):
+            row.update(self._validate(step))
+        self.tracker.log(row, step)
+
+    def _validate(self, step: int) -> dict[str, float]:
+        """This worker's own validation split (dataset.validation_split of its shard): log and W&B."""
+        assert self.val is not None
+        result = metrics(self.model, self.val, self.meta.task, self.loss)
+        shown = ", ".join(f"{k} {v:.4f}" if k != "accuracy" else f"accuracy {v:.2f}%" for k, v in result.items())
+        logger.info(f"step {step + 1}: validation {shown} ({len(self.val)} samples of worker {self.id}'s shard)")
+        return {f"val/{k}": v for k, v in result.items()}
 
     def _inject(self, step: int, loss: torch.Tensor) -> torch.Tensor:
         """Apply this step's injected fault, after forward and before anything of the step is sent."""

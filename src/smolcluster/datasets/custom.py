@@ -116,11 +116,15 @@ def load(cfg: DatasetConfig, seed: int) -> Data:
                           f"as keyword arguments: {e}") from None
     except ValueError:  # no signature to check (a builtin): let the call say
         pass
-    result = fn(**cfg.options)
+    return coerce(fn(**cfg.options), cfg.name)
+
+
+def coerce(result: Any, name: str) -> Data:
+    """What a user's data callable returned (see the module docstring), as Data."""
     if isinstance(result, Data):
-        return Data(_dataset(result.train, "training", cfg.name), _dataset(result.test, "test", cfg.name), result.meta)
+        return Data(_dataset(result.train, "training", name), _dataset(result.test, "test", name), result.meta)
     if not (isinstance(result, (tuple, list)) and len(result) == 2):
-        raise ConfigError(f"dataset.name: {cfg.name} returned {cut(repr(result), 80)}; expected (train, test) "
+        raise ConfigError(f"dataset.name: {name} returned {cut(repr(result), 80)}; expected (train, test) "
                           "or a smolcluster.datasets.Data (see smolcluster/datasets/custom.py)")
-    train, test = _dataset(result[0], "training", cfg.name), _dataset(result[1], "test", cfg.name)
-    return Data(train, test, infer_meta(train, test, cfg.name))
+    train, test = _dataset(result[0], "training", name), _dataset(result[1], "test", name)
+    return Data(train, test, infer_meta(train, test, name))
