@@ -266,8 +266,13 @@ class TrainingConfig:
     max_grad_norm: float = 0.0
     """Clip the averaged gradient to this L2 norm before each optimizer step, on the server and
     every worker alike (0: no clipping)."""
+    loss: str = "cross_entropy"
+    """cross_entropy (mean over every target; a GPT's (batch, time) targets are flattened), or
+    `package.module:callable` taking (logits, targets) and returning the mean loss as a scalar."""
 
     def __post_init__(self) -> None:
+        if self.loss != "cross_entropy" and not is_import_path(self.loss):
+            raise ConfigError(f"loss: expected cross_entropy or package.module:callable, got {_quote(self.loss)}")
         for name in ("batch_size", "num_epochs", "learning_rate"):
             _positive(name, getattr(self, name))
         for name in ("momentum", "weight_decay", "eval_steps", "threads", "max_steps", "warmup_steps", "max_grad_norm"):
@@ -419,7 +424,7 @@ class Config:
 
 FINGERPRINT_TRAINING = (
     "batch_size", "learning_rate", "lr_schedule", "warmup_steps", "optimizer", "momentum", "weight_decay",
-    "num_epochs", "max_steps", "max_grad_norm",
+    "num_epochs", "max_steps", "max_grad_norm", "loss",
 )
 
 FINGERPRINT_CLUSTER = ("seed", "num_workers", "compression", "int8_chunk", "bucket_mb")
