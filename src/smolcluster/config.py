@@ -321,6 +321,12 @@ class ModelConfig:
         from smolcluster.models import MODELS
 
         if is_import_path(self.type):
+            # The built-in models' keys never reach the callable: say so rather than drop them quietly.
+            ignored = [f.name for f in dataclasses.fields(self)
+                       if f.name not in ("type", "options") and getattr(self, f.name) != ModelConfig._default(f)]
+            if ignored:
+                logger.warning(f"model.{ignored[0]}: a key of the built-in models, not passed to {self.type} (it gets "
+                               "only the section's other keys as keyword arguments); give it another name")
             return
         if self.type not in MODELS:
             raise ConfigError(f"type: unknown model {_quote(self.type)}; choose one of {sorted(MODELS)} "
@@ -341,6 +347,10 @@ class ModelConfig:
             raise ConfigError(f"n_head: {self.n_head} heads do not divide n_embd ({self.n_embd})")
         if self.options:
             raise ConfigError(f"options: only an import-path model takes options, {self.type} does not")
+
+    @staticmethod
+    def _default(f: dataclasses.Field) -> Any:
+        return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
     @property
     def hidden_sizes(self) -> list[int]:
