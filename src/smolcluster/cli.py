@@ -30,7 +30,7 @@ def _config_args(p: argparse.ArgumentParser) -> None:
                    help="override any key, e.g. --set training.batch_size=64 (repeatable)")
     g.add_argument("--workers", type=int, metavar="N", help="= --set cluster.num_workers=N")
     g.add_argument("--epochs", type=int, metavar="E", help="= --set training.num_epochs=E")
-    g.add_argument("--model", metavar="NAME", help="SimpleNN, MLP or CNN, with its preset sizes")
+    g.add_argument("--model", metavar="NAME", help="SimpleNN, MLP, CNN, CNN-BN or GPT, with its preset sizes")
     g.add_argument("--seed", type=int, metavar="S", help="= --set cluster.seed=S")
     g.add_argument("--out", metavar="DIR", help="= --set training.out_dir=DIR")
     g.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -49,7 +49,6 @@ def _shortcut_overrides(args: argparse.Namespace) -> list[str]:
     if args.model is not None:
         if args.model not in PRESETS:
             raise ConfigError(f"--model {args.model}: choose one of {', '.join(PRESETS)}")
-        out.append(f"model.type={args.model}")
         out += [f"model.{k}={json.dumps(v)}" for k, v in PRESETS[args.model].items()]
     for flag, key in SHORTCUTS:
         value = getattr(args, flag)
@@ -103,6 +102,19 @@ def parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a saved model.safetensors on the test set", epilog=EPILOG)
     e.add_argument("model_path", metavar="MODEL", help="path to model.safetensors")
     _config_args(e)
+    sample = sub.add_parser("sample", help="generate text from a saved text model (GPT)", description=SAMPLE_DOC,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    sample.add_argument("model_path", metavar="MODEL", help="path to model.safetensors")
+    sample.add_argument("--prompt", default="\n", metavar="TEXT", help="text to continue (default: a newline)")
+    sample.add_argument("--tokens", type=int, default=500, metavar="N", help="characters to generate (default: 500)")
+    sample.add_argument("--temperature", type=float, default=0.8, metavar="T",
+                        help="divide the logits by T: < 1 is more conservative, 0 always picks the likeliest "
+                             "(default: 0.8)")
+    sample.add_argument("--top-k", type=int, default=0, metavar="K",
+                        help="sample only among the K likeliest characters (default: 0, all)")
+    sample.add_argument("--seed", type=int, default=1337, metavar="S",
+                        help="random seed: same seed, same text (default: 1337)")
+    sample.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     h = sub.add_parser("hosts", help="print the hosts launch.sh starts processes on, one line each",
                        description=HOSTS_DOC, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     _config_args(h)
@@ -122,6 +134,15 @@ never parses YAML itself.
 """
 
 
+SAMPLE_DOC = """\
+Continue --prompt with --tokens characters from a text model saved by a run (its vocabulary is in
+the file's metadata) and print the prompt followed by them on stdout.
+
+exit status: 0 done; 1 the file is missing, unreadable or not a text model; 2 a bad argument
+(a character of the prompt that is not in the model's vocabulary, a temperature < 0, ...).
+"""
+
+
 RUN_DOC = """\
 Start a server and N workers on this machine (on a free port of 127.0.0.1, with a token of their
 own), show their progress, copy their logs to OUT/logs/, and print the test accuracy on stdout.
@@ -138,6 +159,8 @@ def main(argv: list[str] | None = None, job: Job | None = None) -> int:
     role = {"worker": f"worker {getattr(args, 'id', '')}"}.get(args.command, args.command)
     log.setup(role, args.log_level)
     try:
+        if args.command == "sample":  # reads a model file, not the configs
+            return _sample(args)
         cfg, passthrough = _load(args, job)
         return COMMANDS[args.command](args, cfg, passthrough, job)
     except ConfigError as e:  # DataFileError too: a file the user named is malformed
@@ -205,8 +228,8 @@ def _run(args: argparse.Namespace, cfg: Config, passthrough: list[str], job: Job
 
 def _eval(args: argparse.Namespace, cfg: Config, _: list[str], job: Job | None = None) -> int:
     from smolcluster import data
-    from smolcluster.results import load_model, saved_data
-    from smolcluster.train import evaluate
+    from smolcluster.results import data_meta, load_model, saved_data
+    from smolcluster.train import metrics
 
     path = Path(args.model_path)
     model, model_cfg, meta = load_model(path)
@@ -217,8 +240,13 @@ def _eval(args: argparse.Namespace, cfg: Config, _: list[str], job: Job | None =
         dataset, seed = saved_dataset, seed if saved_seed is None else saved_seed
     test = data.load_split(dataset, "test", seed)
     _check_fits(path, model_cfg, test)
-    loss, acc = evaluate(model, test)
-    print(f"test accuracy: {acc:.2f}% (loss {loss:.4f}, {len(test)} samples)", flush=True)
+    saved = data_meta(path, meta)
+    if saved is not None and saved.task == "lm":
+        m = metrics(model, test, "lm")
+        print(f"test bpc: {m['bpc']:.4f} (loss {m['loss']:.4f}, {len(test)} samples)", flush=True)
+        return 0
+    m = metrics(model, test, "classify")
+    print(f"test accuracy: {m['accuracy']:.2f}% (loss {m['loss']:.4f}, {len(test)} samples)", flush=True)
     return 0
 
 
@@ -226,18 +254,58 @@ def _check_fits(path: Path, model_cfg: ModelConfig, test: Split) -> None:
     """A model whose sizes agree with its own tensors can still not fit the data: say which size."""
     from smolcluster.results import ModelFileError, describe_config
 
-    if not len(test):
-        return
+    if not len(test) or model_cfg.type not in ("SimpleNN", "MLP", "CNN", "GPT"):
+        return  # an import-path model's sizes are its own business
     features, classes = test.x[0].numel(), int(test.y.max()) + 1
-    if model_cfg.type != "CNN" and model_cfg.input_dim != features:
+    text = test.x.dim() == 2 and not test.x.is_floating_point()  # token ids (n, T)
+    if (model_cfg.type == "GPT") != text:
+        raise ModelFileError(f"{path}: the model ({describe_config(model_cfg)}) "
+                             f"{'reads text' if model_cfg.type == 'GPT' else 'classifies'}, the test data is "
+                             f"{'text' if text else 'not text'} ({list(test.x.shape[1:])} per sample); "
+                             "choose its dataset with --set dataset.name=...")
+    if model_cfg.type in ("SimpleNN", "MLP") and model_cfg.input_dim != features:
         raise ModelFileError(f"{path}: the model takes {model_cfg.input_dim} inputs ({describe_config(model_cfg)}), "
                              f"the test data has {features} per sample")
-    if model_cfg.type == "CNN" and 28 >> len(model_cfg.channels) == 0:
-        raise ModelFileError(f"{path}: the model's {len(model_cfg.channels)} pooling stages ({describe_config(model_cfg)}) "
-                             "shrink 28x28 images to nothing")
+    if model_cfg.type == "CNN" and (test.x.dim() != 4 or min(test.x.shape[2:]) >> len(model_cfg.channels) == 0):
+        raise ModelFileError(f"{path}: the model's {len(model_cfg.channels)} pooling stages "
+                             f"({describe_config(model_cfg)}) do not fit the test data's {list(test.x.shape[1:])} images")
+    if model_cfg.type == "GPT" and test.x.shape[-1] > model_cfg.context:
+        raise ModelFileError(f"{path}: the model sees {model_cfg.context} characters at once "
+                             f"({describe_config(model_cfg)}), the test data's samples are {test.x.shape[-1]} long")
     if model_cfg.out < classes:
         raise ModelFileError(f"{path}: the model has {model_cfg.out} outputs ({describe_config(model_cfg)}), "
                              f"the test data has {classes} classes")
+
+
+def _sample(args: argparse.Namespace) -> int:
+    import math
+
+    import torch
+
+    from smolcluster.models.gpt import GPT, generate
+    from smolcluster.results import ModelFileError, data_meta, load_model
+
+    if args.tokens < 0 or not math.isfinite(args.temperature) or args.temperature < 0 or args.top_k < 0:
+        raise ConfigError("--tokens, --temperature and --top-k: expected numbers >= 0, got "
+                          f"{args.tokens}, {args.temperature}, {args.top_k}")
+    if not args.prompt:
+        raise ConfigError("--prompt: expected at least one character to continue")
+    path = Path(args.model_path)
+    model, model_cfg, meta = load_model(path)
+    saved = data_meta(path, meta)
+    if saved is None or saved.task != "lm" or not saved.vocab or not isinstance(model, GPT):
+        raise ModelFileError(f"{path}: not a text model (its metadata has no vocabulary; "
+                             f"it is a {model_cfg.type} trained to {'classify' if saved is None else saved.task})")
+    index = {ch: i for i, ch in enumerate(saved.vocab)}
+    unknown = sorted({ch for ch in args.prompt if ch not in index})
+    if unknown:
+        raise ConfigError(f"--prompt: {len(unknown)} character(s) the model has never seen: "
+                          f"{', '.join(map(repr, unknown[:20]))}; it knows {len(saved.vocab)}: {saved.vocab!r}")
+    idx = torch.tensor([[index[ch] for ch in args.prompt]], dtype=torch.long)
+    out = generate(model, idx, args.tokens, args.temperature, args.top_k, torch.Generator().manual_seed(args.seed))
+    text = "".join(saved.vocab[i] for i in out[0, idx.shape[1]:].tolist())
+    print(args.prompt + text, flush=True)
+    return 0
 
 
 def _hosts(args: argparse.Namespace, cfg: Config, _: list[str], job: Job | None = None) -> int:

@@ -294,8 +294,13 @@ class TrainingConfig:
     max_grad_norm: float = 0.0
     """Clip the averaged gradient to this L2 norm before each optimizer step, on the server and
     every worker alike (0: no clipping)."""
+    loss: str = "cross_entropy"
+    """cross_entropy (mean over every target; a GPT's (batch, time) targets are flattened), or
+    `package.module:callable` taking (logits, targets) and returning the mean loss as a scalar."""
 
     def __post_init__(self) -> None:
+        if self.loss != "cross_entropy" and not is_import_path(self.loss):
+            raise ConfigError(f"loss: expected cross_entropy or package.module:callable, got {_quote(self.loss)}")
         for name in ("batch_size", "num_epochs", "learning_rate"):
             _positive(name, getattr(self, name))
         for name in ("momentum", "weight_decay", "eval_steps", "threads", "max_steps", "warmup_steps", "max_grad_norm"):
@@ -304,21 +309,39 @@ class TrainingConfig:
 
 @dataclass(kw_only=True, slots=True, frozen=True)
 class ModelConfig:
-    """A model from the registry in models.py, with its sizes; or the user's own, by import path."""
+    """A model from the registry in models/, with its sizes; or the user's own, by import path.
+
+    Sizes of 0 (input_dim, out, context) are taken from the data when the model is built."""
 
     OPEN_KEY: ClassVar[str] = "type"
 
     type: str = "SimpleNN"
-    """SimpleNN (input-hidden-out), MLP (any list of hidden sizes) or CNN; or `package.module:callable`
-    returning an nn.Module, called with this section's other keys as keyword arguments."""
-    input_dim: int = 784
-    """Inputs per sample (28 x 28 MNIST pixels); SimpleNN and MLP only."""
+    """SimpleNN (input-hidden-out), MLP (any list of hidden sizes), CNN (images) or GPT (text, a
+    character transformer); or `package.module:callable` returning an nn.Module, called with this
+    section's other keys as keyword arguments."""
+    input_dim: int = 0
+    """Inputs per sample, SimpleNN and MLP only (0: from the data; 784 for MNIST's 28 x 28 pixels)."""
     hidden: int | list[int] = 128
     """Hidden width (SimpleNN, CNN) or list of widths (MLP)."""
-    out: int = 10
-    """Classes."""
+    out: int = 0
+    """Outputs: classes, or GPT's vocabulary size (0: from the data; 10 for MNIST)."""
     channels: list[int] = field(default_factory=lambda: [16, 32])
     """CNN only: output channels of each 3x3 conv + 2x2 max-pool stage."""
+    dropout: float = 0.0
+    """Probability of zeroing an activation while training: after each hidden ReLU (SimpleNN, MLP,
+    CNN), before CNN's classifier, and in every GPT block (0: no dropout)."""
+    batchnorm: bool = False
+    """CNN only: BatchNorm after each conv (its running statistics are buffers, not parameters)."""
+    n_layer: int = 4
+    """GPT only: transformer blocks."""
+    n_head: int = 4
+    """GPT only: attention heads per block; must divide n_embd."""
+    n_embd: int = 128
+    """GPT only: width of the embeddings and of the residual stream."""
+    context: int = 0
+    """GPT only: positions (characters) the model sees at once (0: the data's sample length)."""
+    bias: bool = False
+    """GPT only: biases in the Linear and LayerNorm layers (nanoGPT: without is a bit better and faster)."""
     options: dict[str, Any] = field(default_factory=dict)
     """The keyword arguments of an import-path model (its section's keys that are not listed here)."""
 
@@ -326,17 +349,36 @@ class ModelConfig:
         from smolcluster.models import MODELS
 
         if is_import_path(self.type):
+            # The built-in models' keys never reach the callable: say so rather than drop them quietly.
+            ignored = [f.name for f in dataclasses.fields(self)
+                       if f.name not in ("type", "options") and getattr(self, f.name) != ModelConfig._default(f)]
+            if ignored:
+                logger.warning(f"model.{ignored[0]}: a key of the built-in models, not passed to {self.type} (it gets "
+                               "only the section's other keys as keyword arguments); give it another name")
             return
         if self.type not in MODELS:
-            raise ConfigError(f"type: unknown model {_quote(self.type)}; choose one of {sorted(MODELS)}")
+            raise ConfigError(f"type: unknown model {_quote(self.type)}; choose one of {sorted(MODELS)} "
+                              "or give an import path package.module:callable")
         widths = [self.hidden] if isinstance(self.hidden, int) else self.hidden
         for name, values in (("hidden", widths), ("channels", self.channels)):
             if not values or any(v < 1 for v in values):
                 raise ConfigError(f"{name}: expected positive sizes, got {_quote(values)}")
         if self.type == "SimpleNN" and not isinstance(self.hidden, int):
             raise ConfigError(f"hidden: SimpleNN takes one width, got {_quote(self.hidden)} (use MLP)")
-        _positive("input_dim", self.input_dim)
-        _positive("out", self.out)
+        for name in ("input_dim", "out", "context"):
+            _positive(name, getattr(self, name), allow_zero=True)
+        for name in ("n_layer", "n_head", "n_embd"):
+            _positive(name, getattr(self, name))
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"dropout: expected a probability 0 <= p < 1, got {self.dropout!r}")
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"n_head: {self.n_head} heads do not divide n_embd ({self.n_embd})")
+        if self.options:
+            raise ConfigError(f"options: only an import-path model takes options, {self.type} does not")
+
+    @staticmethod
+    def _default(f: dataclasses.Field) -> Any:
+        return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
     @property
     def hidden_sizes(self) -> list[int]:
@@ -537,7 +579,7 @@ class Config:
 
 FINGERPRINT_TRAINING = (
     "batch_size", "learning_rate", "lr_schedule", "warmup_steps", "optimizer", "momentum", "weight_decay",
-    "num_epochs", "max_steps", "max_grad_norm",
+    "num_epochs", "max_steps", "max_grad_norm", "loss",
 )
 
 FINGERPRINT_CLUSTER = ("seed", "num_workers", "compression", "int8_chunk", "bucket_mb")

@@ -7,13 +7,17 @@ between them can only come from the wire, never from two copies of the training 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from smolcluster.config import TrainingConfig
-from smolcluster.data import Split
+from smolcluster.errors import ConfigError
+
+if TYPE_CHECKING:
+    from smolcluster.data import Split
 
 
 def build_optimizer(model: nn.Module, cfg: TrainingConfig) -> torch.optim.Optimizer:
@@ -56,25 +60,79 @@ def optimizer_step(optimizer: torch.optim.Optimizer, cfg: TrainingConfig, step: 
     optimizer.step()
 
 
-def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over the batch (the server weights each worker's mean by its batch size)."""
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""(logits, targets) -> the mean loss over the batch, a scalar."""
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over every target: a batch of classes (B, C) vs (B,), or a language
+    model's (B, T, V) vs (B, T), flattened (the server weights each worker's mean by its batch size)."""
+    if logits.dim() > 2:
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
     return F.cross_entropy(logits, targets)
 
 
+loss_fn = cross_entropy
+"""The default loss under its old name; `make_loss(cfg)` gives the configured one."""
+
+
+def make_loss(cfg: TrainingConfig) -> LossFn:
+    """The loss `training.loss` names; an import path is resolved here, once (a ConfigError naming
+    training.loss if it cannot be imported), and its result checked to be a scalar on every call."""
+    if cfg.loss == "cross_entropy":
+        return cross_entropy
+    from smolcluster.models import import_callable
+
+    user = import_callable(cfg.loss, "training.loss")
+
+    def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        value = user(logits, targets)
+        if not isinstance(value, torch.Tensor) or value.dim() != 0:
+            got = f"shape {list(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ConfigError(f"training.loss: {cfg.loss} returned {got}, expected a scalar tensor (the mean loss)")
+        return value
+
+    return loss
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, split: Split, batch_size: int = 2000) -> tuple[float, float]:
-    """(mean loss, accuracy in %) over a whole split."""
+def metrics(model: nn.Module, split: Split, task: str = "classify", loss: LossFn | None = None,
+            batch_size: int = 0) -> dict[str, float]:
+    """The model on a whole split: {"loss", "accuracy" (in %)} for 'classify', {"loss", "bpc"} for
+    'lm' (bits per character: the mean loss per token / ln 2). The loss is the mean over every
+    target; `loss` (default: cross-entropy) is a mean per batch, weighted here by the batch's
+    targets. `batch_size`: samples per forward pass (default: 2000 images, or 64Ki tokens of text)."""
+    if task not in ("classify", "lm"):
+        raise ValueError(f"task: expected 'classify' or 'lm', got {task!r}")
+    if not batch_size:
+        batch_size = 2000 if task == "classify" else max(1, 65536 // max(1, split.y[0].numel() if len(split) else 1))
     was_training = model.training
     model.eval()
-    loss_sum, correct = 0.0, 0
-    for start in range(0, len(split), batch_size):
-        x, y = split.x[start : start + batch_size], split.y[start : start + batch_size]
-        logits = model(x)
-        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-        correct += int((logits.argmax(1) == y).sum())
-    model.train(was_training)
-    n = max(len(split), 1)
-    return loss_sum / n, 100.0 * correct / n
+    try:
+        loss_sum, correct, targets = 0.0, 0, 0
+        for start in range(0, len(split), batch_size):
+            x, y = split.x[start : start + batch_size], split.y[start : start + batch_size]
+            logits = model(x)
+            if loss is None:  # summed exactly, not a mean times a count
+                flat = logits.reshape(-1, logits.shape[-1]) if logits.dim() > 2 else logits
+                loss_sum += float(F.cross_entropy(flat, y.reshape(-1), reduction="sum"))
+            else:
+                loss_sum += float(loss(logits, y)) * y.numel()
+            targets += y.numel()
+            if task == "classify":
+                correct += int((logits.argmax(-1) == y).sum())
+    finally:
+        model.train(was_training)
+    mean = loss_sum / max(targets, 1)
+    if task == "lm":
+        return {"loss": mean, "bpc": mean / math.log(2)}
+    return {"loss": mean, "accuracy": 100.0 * correct / max(len(split), 1)}
+
+
+def evaluate(model: nn.Module, split: Split, batch_size: int = 2000) -> tuple[float, float]:
+    """(mean loss, accuracy in %) of a classifier over a whole split; see `metrics` for text."""
+    m = metrics(model, split, "classify", batch_size=batch_size)
+    return m["loss"], m["accuracy"]
 
 
 def set_threads(threads: int) -> None:
