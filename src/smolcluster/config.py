@@ -291,6 +291,9 @@ class TrainingConfig:
     relative to the current directory."""
     max_steps: int = 0
     """Stop after this many steps (0: run all epochs); for quick tries."""
+    eval_samples: int = 0
+    """Evaluate on at most this many test (and each worker's validation) samples, the same ones every
+    time, chosen by the seed (0: all; a text set has a million windows)."""
     max_grad_norm: float = 0.0
     """Clip the averaged gradient to this L2 norm before each optimizer step, on the server and
     every worker alike (0: no clipping)."""
@@ -303,7 +306,8 @@ class TrainingConfig:
             raise ConfigError(f"loss: expected cross_entropy or package.module:callable, got {_quote(self.loss)}")
         for name in ("batch_size", "num_epochs", "learning_rate"):
             _positive(name, getattr(self, name))
-        for name in ("momentum", "weight_decay", "eval_steps", "threads", "max_steps", "warmup_steps", "max_grad_norm"):
+        for name in ("momentum", "weight_decay", "eval_steps", "threads", "max_steps", "warmup_steps", "max_grad_norm",
+                     "eval_samples"):
             _positive(name, getattr(self, name), allow_zero=True)
 
 
@@ -569,7 +573,7 @@ class Config:
         return {
             "training": t,
             "model": d["model"],
-            "dataset": {k: v for k, v in d["dataset"].items() if k != "root"},
+            "dataset": {k: v for k, v in d["dataset"].items() if k not in ("root", "memory_mb")},
             "cluster": {k: d["cluster"][k] for k in FINGERPRINT_CLUSTER},
         }
 
@@ -579,7 +583,7 @@ class Config:
 
 FINGERPRINT_TRAINING = (
     "batch_size", "learning_rate", "lr_schedule", "warmup_steps", "optimizer", "momentum", "weight_decay",
-    "num_epochs", "max_steps", "max_grad_norm", "loss",
+    "num_epochs", "max_steps", "max_grad_norm", "loss", "eval_samples",
 )
 
 FINGERPRINT_CLUSTER = ("seed", "num_workers", "compression", "int8_chunk", "bucket_mb")

@@ -351,7 +351,7 @@ class Server(Membership):
         save_model(self.model, self.cfg.model, out / "model.safetensors", {
             "smolcluster.dataset": json.dumps(dataclasses.asdict(self.cfg.dataset)),
             "smolcluster.seed": str(self.cfg.cluster.seed),
-        })
+        }, meta=self.meta)
         write_summary(summary, out / "summary.json")
 
     def _summary(self, final: dict[str, float], wall_s: float, train_s: float, steps_run: int) -> dict[str, Any]:

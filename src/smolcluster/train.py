@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from smolcluster.config import TrainingConfig
+from smolcluster.datasets import fetch
 from smolcluster.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -105,13 +106,13 @@ def metrics(model: nn.Module, split: Split, task: str = "classify", loss: LossFn
     if task not in ("classify", "lm"):
         raise ValueError(f"task: expected 'classify' or 'lm', got {task!r}")
     if not batch_size:
-        batch_size = 2000 if task == "classify" else max(1, 65536 // max(1, split.y[0].numel() if len(split) else 1))
+        batch_size = 2000 if task == "classify" else max(1, 65536 // max(1, split[0][1].numel() if len(split) else 1))
     was_training = model.training
     model.eval()
     try:
         loss_sum, correct, targets = 0.0, 0, 0
-        for start in range(0, len(split), batch_size):
-            x, y = split.x[start : start + batch_size], split.y[start : start + batch_size]
+        for idx in torch.arange(len(split)).split(batch_size):
+            x, y = fetch(split, idx)  # any dataset: one fancy index in memory, else item by item
             logits = model(x)
             if loss is None:  # summed exactly, not a mean times a count
                 flat = logits.reshape(-1, logits.shape[-1]) if logits.dim() > 2 else logits

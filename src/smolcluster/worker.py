@@ -148,7 +148,7 @@ class Worker:
                 time.sleep(0.2)
                 done = self._session()
             if self.save_params:
-                save_model(self.model, self.cfg.model, self.save_params)
+                save_model(self.model, self.cfg.model, self.save_params, meta=self.meta)
             self.tracker.finish(done)
             return done
         except BaseException:
@@ -239,6 +239,8 @@ class Worker:
     def _step(self, step: int, total: int) -> None:
         c, t = self.cfg.cluster, self.cfg.training
         x, y = self._batch(step)
+        # Dropout's masks: this worker's own (not every worker's the same), and the same in a rerun.
+        torch.manual_seed((c.seed * 1_000_003 + self.id * 10_007 + step) % 2**63)
         t0 = time.monotonic()
         self.flat.zero_grad()
         loss = self.loss(self.model(x), y)
