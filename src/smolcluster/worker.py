@@ -226,7 +226,7 @@ class Worker:
             order = data.epoch_order(len(self.train), c.seed, epoch, self.id).split(t.batch_size)
             self._batches = batches(self.train, order[at:])
         x, y = next(self._batches)
-        self._next = (epoch, at + 1) if at + 1 < self.steps_per_epoch else (epoch + 1, 0)
+        self._next = (epoch, at + 1)  # past the epoch's last batch: the next epoch starts a new order
         return augment_batch(x, self.cfg.dataset, c.seed, self.id, epoch, step), y
 
     def _close_batches(self) -> None:
