@@ -302,18 +302,13 @@ def test_an_import_path_model_gets_the_sections_other_keys_and_the_seed(tmp_path
     assert digest(model) == digest(expected) == digest(build_model(cfg, 3)) != digest(build_model(cfg, 4))
 
 
-def test_built_in_keys_given_to_an_import_path_model_are_named_in_a_warning(tmp_path, monkeypatch):
-    from loguru import logger
-
-    write_module(tmp_path, monkeypatch, "my_models_g", "def f(p_drop=0.0):\n    return nn.Dropout(p_drop)\n")
-    lines: list[str] = []
-    sink = logger.add(lines.append, level="WARNING", format="{message}")
-    try:
-        cfg = load_config(None, None, ["model.type=my_models_g:f", "model.dropout=0.3", "model.p_drop=0.1"]).model
-    finally:
-        logger.remove(sink)
-    assert cfg.options == {"p_drop": 0.1} and build_model(cfg, 0).p == 0.1
-    assert lines and lines[0].startswith("model.dropout: a key of the built-in models, not passed to my_models_g:f")
+def test_an_import_path_model_gets_the_built_in_keys_its_signature_takes(tmp_path, monkeypatch):
+    write_module(tmp_path, monkeypatch, "my_models_g", "def f(p_drop=0.0, dropout=0.0):\n    return nn.Dropout(p_drop + dropout)\n")
+    # dropout (a built-in key) is taken by name; hidden and input_dim (from the shipped file) are not.
+    cfg = load_config(None, None, ["model.type=my_models_g:f", "model.dropout=0.3", "model.p_drop=0.1",
+                                   "model.hidden=64"]).model
+    assert cfg.options == {"p_drop": 0.1}
+    assert build_model(cfg, 0).p == pytest.approx(0.4)
 
 
 @pytest.mark.parametrize("body, path, message", [

@@ -353,13 +353,7 @@ class ModelConfig:
         from smolcluster.models import MODELS
 
         if is_import_path(self.type):
-            # The built-in models' keys never reach the callable: say so rather than drop them quietly.
-            ignored = [f.name for f in dataclasses.fields(self)
-                       if f.name not in ("type", "options") and getattr(self, f.name) != ModelConfig._default(f)]
-            if ignored:
-                logger.warning(f"model.{ignored[0]}: a key of the built-in models, not passed to {self.type} (it gets "
-                               "only the section's other keys as keyword arguments); give it another name")
-            return
+            return  # its keyword arguments: `options`, and the built-in keys it takes (models.call_args)
         if self.type not in MODELS:
             raise ConfigError(f"type: unknown model {_quote(self.type)}; choose one of {sorted(MODELS)} "
                               "or give an import path package.module:callable")
@@ -771,7 +765,8 @@ def build(cls: type, raw: Any, where: str) -> Any:
     if unknown and opener and is_import_path(raw.get(opener)):
         # A user's callable takes the section's other keys as keyword arguments.
         options = {str(k): raw[k] for k in unknown}
-        raw = {**{k: v for k, v in raw.items() if k in names}, "options": {**raw.get("options", {}), **options}}
+        raw = {**{k: v for k, v in raw.items() if k in names and k not in unknown},
+               "options": {**raw.get("options", {}), **options}}
         unknown = []
     if unknown:
         raise ConfigError(f"{prefix}{_cut(str(unknown[0]))}: unknown key; known keys are {', '.join(names)}")

@@ -54,6 +54,8 @@ LOADERS = {"MNIST": "mnist", "synthetic": "mnist", "csv": "table", "image_folder
 """Built-in dataset name -> its module in smolcluster.datasets; anything else is an import path."""
 IDENTITY_ITEMS = 64
 """Samples of each split whose bytes go into the identity digest."""
+IDENTITY_ALL = 4096
+"""A split this small goes into the digest whole (milliseconds), so one changed row is noticed."""
 
 
 def load_data(cfg: DatasetConfig, seed: int, source: Any = None) -> Data:
@@ -81,7 +83,8 @@ def identity(train: Dataset, test: Dataset, meta: DataMeta, seed: int, version: 
         return {**out, "version": version}
     h = hashlib.sha256(json.dumps([meta.task, meta.classes, list(meta.input_shape), meta.vocab]).encode())
     for name, ds in (("train", train), ("test", test)):
-        picks = random.Random(f"smolcluster-identity:{seed}:{name}").sample(range(len(ds)), min(IDENTITY_ITEMS, len(ds)))
+        picks = (range(len(ds)) if len(ds) <= IDENTITY_ALL else  # a small dataset: all of it
+                 random.Random(f"smolcluster-identity:{seed}:{name}").sample(range(len(ds)), IDENTITY_ITEMS))
         for t in fetch(ds, torch.tensor(sorted(picks), dtype=torch.int64)):
             t = t.detach().cpu().contiguous()
             h.update(f"{t.dtype}{tuple(t.shape)}".encode())

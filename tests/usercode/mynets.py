@@ -15,3 +15,7 @@ def bn_net(width: int = 8, classes: int = 10) -> nn.Module:
 
 def linear(inputs: int = 784, classes: int = 10) -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(inputs, classes))
+
+
+def mlp2(inputs: int = 20, hidden: int = 16, classes: int = 4) -> nn.Module:
+    return nn.Sequential(nn.Linear(inputs, hidden), nn.Tanh(), nn.Linear(hidden, classes))

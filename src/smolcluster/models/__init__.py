@@ -160,15 +160,34 @@ def build_model(cfg: ModelConfig, seed: int, meta: DataMeta | None = None) -> nn
             torch.manual_seed(seed)
             return module.build(resolved, shape)
     factory = import_callable(cfg.type, "model.type")
+    kwargs = call_args(cfg, factory)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
-            model = factory(**cfg.options)
+            model = factory(**kwargs)
         except TypeError as e:  # most often an option the callable does not take
-            raise ConfigError(f"model.type: {cfg.type}(**{cfg.options}) failed: {e}") from None
+            raise ConfigError(f"model.type: {cfg.type}(**{kwargs}) failed: {e}") from None
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model.type: {cfg.type} returned a {type(model).__name__}, expected a torch.nn.Module")
     return model
+
+
+def call_args(cfg: ModelConfig, factory: Any) -> dict[str, Any]:
+    """An import-path model's keyword arguments: the section's keys that no built-in model has
+    (`options`), plus the built-in ones (hidden, dropout, ...) set away from their defaults that
+    the callable's signature takes by name. So `--set model.type=mynets:resnet8` works beside
+    the shipped SimpleNN keys, and `hidden: 64` reaches a `def mine(hidden)`."""
+    import dataclasses
+    import inspect
+
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # no signature to read: only what is surely its own
+        return dict(cfg.options)
+    takes = {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    given = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+             if f.name not in ("type", "options") and getattr(cfg, f.name) != type(cfg)._default(f)}
+    return {**{k: v for k, v in given.items() if k in takes}, **cfg.options}
 
 
 def layout(model: nn.Module) -> list[list[Any]]:
