@@ -16,8 +16,9 @@ from wandb_log import offline_runs
 
 pytestmark = pytest.mark.timeout(240)
 
-JOB = ["--set", "training.eval_steps=10", "--set", "training.track_gradients=true"]
-STEPS = 32  # 512 samples / 2 workers / batch 16 = 16 steps per epoch, 2 epochs
+JOB = ["--set", "training.eval_steps=10", "--set", "training.track_gradients=true",
+       "--set", "dataset.validation_split=0.125"]
+STEPS = 28  # 512 samples / 2 workers, 1/8 of each shard held out: 224 / batch 16 = 14 steps per epoch, 2 epochs
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +59,7 @@ def test_the_server_logs_one_row_per_step_with_every_metric(runs):
         assert row["workers/present"] == 2
         assert norms <= set(row), sorted(row)  # every layer, in the step's one row
     evals = [r["_step"] for r in rows if "test/accuracy" in r]
-    assert evals == [9, 19, 29]  # eval_steps=10; the last step's eval is the final one, in the summary
+    assert evals == [9, 19]  # eval_steps=10; the last step's eval is the final one, in the summary
     assert all("test/loss" in rows[s] for s in evals)
     summary = json.loads((runs["offline"].out / "summary.json").read_text())
     assert server.summary["test_accuracy"] == summary["test_accuracy"]
@@ -95,3 +96,18 @@ def test_disabled_writes_nothing_and_trains_bit_identically(runs):
     assert_same_params(offline.server_params(), disabled.server_params(), "W&B offline vs disabled (server)")
     for k in (1, 2):
         assert_same_params(offline.worker_params(k), disabled.worker_params(k), f"W&B offline vs disabled (worker {k})")
+
+
+def test_every_worker_logs_its_own_validation_metrics(runs):
+    """dataset.validation_split: each worker evaluates the part of its shard it held out."""
+    found = offline_runs(runs["offline"].out)
+    for k in (1, 2):
+        rows = [r for r in found[f"worker-{k}"].history if "val/loss" in r]
+        steps = [r["_step"] for r in rows]
+        assert steps == [9, 19, STEPS - 1], steps  # every eval_steps (10) and after the last step
+        assert all(0 <= r["val/accuracy"] <= 100 and r["val/loss"] > 0 for r in rows), rows
+    first = [r["val/loss"] for r in found["worker-1"].history if "val/loss" in r]
+    other = [r["val/loss"] for r in found["worker-2"].history if "val/loss" in r]
+    assert first != other  # two workers, two held-out parts of two shards
+    log = runs["offline"].procs["worker 1"].output
+    assert "validation loss" in log and "(32 samples of worker 1's shard)" in log, log[-2000:]
