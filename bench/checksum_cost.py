@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Any, Callable
 import torch
 import xxhash
 
+from bench.report import cpu_model
 from smolcluster.config import ModelConfig, TrainingConfig
 from smolcluster.flat import FlatModel
 from smolcluster.models import build_model
@@ -142,20 +142,11 @@ def measure(workers: list[int], n: int) -> dict[str, Any]:
         "receive_hash_ms_per_frame": 1e3 * max(med["landed"] - med["landed_only"], 0.0),
         "receive_copy_ms_per_frame": 1e3 * med["landed_only"],
         "send_hash_ms_per_frame": 1e3 * max(med["written"] - med["written_only"], 0.0),
-        "rows": rows, "machine": {"cpu": cpu_name(), "cores": os.cpu_count(),
+        "rows": rows, "machine": {"cpu": cpu_model(), "cores": os.cpu_count(),
                                   "load_avg": os.getloadavg(), "xxhash": xxhash.VERSION, "torch": torch.__version__},
     }
 
 
-def cpu_name() -> str:
-    """The CPU model where the OS says it (Linux), else what platform knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def table(result: dict[str, Any]) -> str:

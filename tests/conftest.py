@@ -32,3 +32,14 @@ def reap_children():
     """Kill any process a test left behind (a failing fault test must not leak workers)."""
     yield
     _kill_descendants()
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: one torch thread is fastest, and on a busy machine several spin against each other."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -16,13 +16,7 @@ from smolcluster.models import MODELS, PRESETS, buffers, build_model, layout, re
 from smolcluster.models.gpt import GPT, generate
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is fastest, and on a busy machine several spin against each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 
 
 @dataclass(frozen=True)

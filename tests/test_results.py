@@ -22,12 +22,7 @@ TEXT = DataShape("lm", len(VOCAB), (16,), VOCAB)
 TINY_GPT = ModelConfig(type="GPT", n_layer=1, n_head=2, n_embd=16)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 
 
 def same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:

@@ -14,12 +14,7 @@ from smolcluster.data import Split
 from smolcluster.train import cross_entropy, evaluate, loss_fn, make_loss, metrics
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 
 
 def test_cross_entropy_is_the_mean_over_every_target_of_a_language_model():
