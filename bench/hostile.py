@@ -17,6 +17,7 @@ import threading
 import time
 import typing
 from collections.abc import Callable
+from typing import Any
 from dataclasses import dataclass
 
 from smolcluster import auth, wire
@@ -73,16 +74,22 @@ def take(header: wire.Header) -> memoryview:
     return memoryview(bytearray(header.length))
 
 
+def _replica(cfg: Config) -> Any:
+    """The job's replica as a real worker builds it (the data's description decides the model's sizes)."""
+    from smolcluster.data import load_data
+    from smolcluster.replica import build_replica
+
+    return build_replica(cfg, meta=load_data(cfg.dataset, cfg.cluster.seed).meta)
+
+
 def joined(port: int, cfg: Config, worker_id: int, token: str | None = None, timeout: float = 60.0) -> socket.socket:
     """A raw socket that joined as worker `worker_id` of the job `cfg` the way a real worker does
     (CHALLENGE, HELLO with the job's fingerprint, WELCOME) and took the PARAMS and STATE the server
     sends when training starts: from here the server counts on its gradients."""
-    from smolcluster.replica import build_replica
-
     sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
     header, body = wire.read_frame(sock, "server", take)
     server_nonce, nonce = wire.decode_json(body, header, "server")["nonce"], auth.nonce()
-    hello = {"worker_id": worker_id, "nonce": nonce, "fingerprint": build_replica(cfg).fingerprint}
+    hello = {"worker_id": worker_id, "nonce": nonce, "fingerprint": _replica(cfg).fingerprint}
     if token is not None:
         hello["proof"] = auth.proof(token.encode(), "worker", server_nonce, nonce, worker_id)
     wire.send_frame(sock, wire.frame(MsgType.HELLO, hello, worker=worker_id))
@@ -102,9 +109,7 @@ def misannounced(sock: socket.socket, cfg: Config, worker_id: int, step: int = 0
     sender that lost count would. Read by its length, the frame swallows the next frame's header as
     gradient bytes. Returns what the server answered, after lingering (up to `linger_s`) until the
     server cuts the connection: while it is still connected, its inbox is part of every average."""
-    from smolcluster.replica import build_replica
-
-    buckets = build_replica(cfg).buckets
+    buckets = _replica(cfg).buckets
     bucket = max(buckets, key=lambda b: b.numel)
     length = 4 * bucket.numel
     header = wire.Header(MsgType.GRAD, step=step, worker=worker_id, length=length, dtype=DType.F32,

@@ -319,3 +319,15 @@ def test_an_import_path_model_that_cannot_be_had_is_a_config_error(tmp_path, mon
     cfg = ModelConfig(type=path, options={"width": 3} if "width" in message else {})
     with pytest.raises(ConfigError, match=message):
         build_model(cfg, 0)
+
+
+def test_the_replica_checksum_covers_batchnorm_statistics_but_not_the_gradient():
+    from smolcluster.flat import FlatModel
+
+    flat = FlatModel(nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)))
+    before = flat.checksum()
+    flat.grads.add_(1.0)  # gradients and the loss are not the replica's state
+    flat.loss = 3.0
+    assert flat.checksum() == before
+    flat.model[1].running_mean.add_(0.5)  # a buffer is: a replica with other statistics has drifted
+    assert flat.checksum() != before

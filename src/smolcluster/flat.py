@@ -79,8 +79,11 @@ class FlatModel:
             c.fill_(steps)
 
     def checksum(self) -> int:
-        """CRC32 of the parameter bytes: replicas are bit-identical or they have drifted."""
-        return zlib.crc32(self.param_bytes)
+        """CRC32 of the parameters and the float buffers: replicas are bit-identical or they drifted."""
+        crc = zlib.crc32(self.param_bytes)
+        if self.nbuf:
+            crc = zlib.crc32(memoryview(self.grad_bytes)[4 * self.numel : 4 * (self.numel + self.nbuf)], crc)
+        return crc
 
     def grads_are_views(self) -> bool:
         """True while every .grad still points into the flat buffer (autograd could replace it)."""

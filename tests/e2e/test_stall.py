@@ -20,7 +20,7 @@ BASE = ["--set", "dataset.train_size=2048", "--set", "cluster.heartbeat_s=0.5", 
 
 def stalled_run(tmp, *extra: str) -> tuple[Cluster, float]:
     cluster = Cluster(tmp, workers=2, args=[*BASE, *extra])
-    cluster.start({2: ["--fault", "10:sleep:15"]})
+    cluster.start({2: ["--fault", "10:sleep:8"]})
     cluster.wait_for_log("worker 2", "injecting fault sleep")
     rss = PeakRss(cluster.procs["server"].popen.pid)
     cluster.wait_for_log("server", "worker 2 dropped at step", timeout=30)
