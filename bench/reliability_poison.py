@@ -8,6 +8,7 @@ Registered in bench/reliability.py's SCENARIOS; each returns one table row (benc
 from __future__ import annotations
 
 import signal
+import time
 from typing import TYPE_CHECKING
 
 from bench.cluster import PeakRss
@@ -77,9 +78,10 @@ def stall(ctx: Ctx, key: str) -> Row:
     rss = PeakRss(c.procs["server"].popen.pid, every=0.5)
     c.wait_for_log("server", "worker 2 dropped", timeout=hang + 60)
     dropped_at = clock()
-    c.procs["server"].popen.wait(timeout=ctx.job.timeout_s)  # memory sampled until the server is done
+    time.sleep(2.0)  # the queue goes with the peer: memory must not keep growing after the drop
     sampled = elapsed(started, clock())
-    growth = rss.stop()
+    growth = rss.stop()  # (the final evaluation's buffers, later, are the run's, not the stall's)
+    c.procs["server"].popen.wait(timeout=ctx.job.timeout_s)
     if c.procs["worker 2"].popen.poll() is None:
         c.send_signal("worker 2", signal.SIGKILL)  # still asleep: the run it was part of is over
     codes = c.wait(ctx.job.timeout_s)
@@ -95,8 +97,8 @@ def stall(ctx: Ctx, key: str) -> Row:
     completed(ctx, row, c, codes, [("server", reaction)])
     need(find(c.procs["server"].output, reaction), "the drop")
     row.recovery = (f"{ms(elapsed(started, dropped_at))}: stall → dropped; server memory +{growth:.1f} MiB at peak "
-                    f"over the {ms(sampled)} from the stall to the server's end (start {rss.start / 2**20:.0f} MiB, "
-                    f"end {rss.last / 2**20:.0f} MiB)")
+                    f"over the {ms(sampled)} from the stall to 2 s after the drop (start {rss.start / 2**20:.0f} MiB, "
+                    f"then {rss.last / 2**20:.0f} MiB)")
     row.facts["rss_growth_mib"] = growth
     code = codes["worker 2"]
     row.notes.append("worker 2 was killed after the run, still asleep" if code < 0 else f"worker 2 exited {code}")
