@@ -35,7 +35,7 @@ from bench.report import cpu_model
 from smolcluster.config import ModelConfig, TrainingConfig
 from smolcluster.flat import FlatModel
 from smolcluster.models import build_model
-from smolcluster.train import build_optimizer, loss_fn
+from smolcluster.train import build_optimizer, cross_entropy
 
 MODEL = ModelConfig(type="MLP", hidden=[2048, 2048, 1024])  # bench/matrix.py's MLP-7.9M
 BATCH = 32
@@ -90,7 +90,7 @@ def training_step() -> tuple[Callable[[], None], int]:
 
     def step() -> None:
         flat.zero_grad()
-        loss_fn(flat.model(x), y).backward()
+        cross_entropy(flat.model(x), y).backward()
         optimizer.step()
 
     return step, flat.numel

@@ -42,7 +42,7 @@ from smolcluster.config import DatasetConfig, ModelConfig, TrainingConfig
 from smolcluster.datasets.mnist import read_idx
 from smolcluster.models import build_model
 from smolcluster.prefetch import batches
-from smolcluster.train import build_optimizer, loss_fn
+from smolcluster.train import build_optimizer, cross_entropy
 
 BATCH = 32
 WARMUP = 3
@@ -61,7 +61,7 @@ def mlp_step(input_dim: int) -> Callable[[torch.Tensor, torch.Tensor], None]:
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
         optimizer.zero_grad(set_to_none=True)
-        loss_fn(model(x), y).backward()
+        cross_entropy(model(x), y).backward()
         optimizer.step()
 
     return step

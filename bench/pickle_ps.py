@@ -101,7 +101,7 @@ def _connect(host: str, port: int, timeout_s: float = 60.0) -> socket.socket:
 
 def work(rank: int, host: str, port: int, steps: int, overrides: list[str]) -> None:
     from bench.workload import Shard, load, model_and_optimizer
-    from smolcluster.train import loss_fn, optimizer_step
+    from smolcluster.train import cross_entropy, optimizer_step
 
     cfg = load(overrides)
     model, optimizer = model_and_optimizer(cfg)
@@ -113,7 +113,7 @@ def work(rank: int, host: str, port: int, steps: int, overrides: list[str]) -> N
     recv_msg(sock)
     for step, (x, y) in enumerate(batches):
         optimizer.zero_grad()
-        loss_fn(model(x), y).backward()
+        cross_entropy(model(x), y).backward()
         send_msg(sock, ("all_reduce", step, rank, [p.grad for p in params]))
         (kind, s, avg), _ = recv_msg(sock)
         for p, g in zip(params, avg):

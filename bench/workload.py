@@ -19,7 +19,7 @@ from smolcluster import data
 from smolcluster.config import Config, load_config
 from smolcluster.models import build_model
 from smolcluster.results import step_ms_stats
-from smolcluster.train import build_optimizer, loss_fn, optimizer_step, set_threads
+from smolcluster.train import build_optimizer, cross_entropy, optimizer_step, set_threads
 
 __all__ = ["Shard", "StepTimer", "load", "step_ms_stats", "time_single", "train_step"]
 
@@ -83,7 +83,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config, 
                y: torch.Tensor, step: int, total: int) -> None:
     """Forward, backward and optimizer step, as smolcluster's worker does them (minus the wire)."""
     optimizer.zero_grad()
-    loss_fn(model(x), y).backward()
+    cross_entropy(model(x), y).backward()
     optimizer_step(optimizer, cfg.training, step, total)
 
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from smolcluster.config import ConfigError, TrainingConfig, load_config
 from smolcluster.data import Split
-from smolcluster.train import cross_entropy, evaluate, loss_fn, make_loss, metrics
+from smolcluster.train import cross_entropy, make_loss, metrics
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
@@ -24,7 +24,7 @@ def test_cross_entropy_is_the_mean_over_every_target_of_a_language_model():
     torch.testing.assert_close(cross_entropy(logits, targets), expected)
     images, labels = torch.randn(4, 10), torch.randint(0, 10, (4,))
     assert torch.equal(cross_entropy(images, labels), F.cross_entropy(images, labels))
-    assert loss_fn is cross_entropy and make_loss(TrainingConfig()) is cross_entropy
+    assert make_loss(TrainingConfig()) is cross_entropy
 
 
 def test_a_loss_by_import_path_is_called_with_logits_and_targets(tmp_path, monkeypatch):
@@ -58,7 +58,7 @@ def test_classify_metrics_are_the_old_evaluate():
         logits = model(split.x)
     assert m["loss"] == pytest.approx(float(F.cross_entropy(logits, split.y)), rel=1e-6)
     assert m["accuracy"] == 100.0 * int((logits.argmax(1) == split.y).sum()) / 50
-    assert set(m) == {"loss", "accuracy"} and evaluate(model, split, batch_size=7) == (m["loss"], m["accuracy"])
+    assert set(m) == {"loss", "accuracy"}
 
 
 class Uniform(nn.Module):

@@ -163,7 +163,7 @@ def steps_per_epoch(n: int, num_workers: int, batch_size: int, validation_split:
     return math.ceil(train_shard_size(n, num_workers, validation_split) / batch_size)
 
 
-# --- what server and worker called before load_data; kept until they move over ----------------
+# --- one split as in-memory tensors: for eval, the benchmark's workload and the tests ----------
 
 
 def load_split(cfg: DatasetConfig, split: str, seed: int, indices: torch.Tensor | None = None) -> Split:

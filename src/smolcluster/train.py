@@ -73,9 +73,6 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, targets)
 
 
-loss_fn = cross_entropy
-"""The default loss under its old name; `make_loss(cfg)` gives the configured one."""
-
 
 def make_loss(cfg: TrainingConfig) -> LossFn:
     """The loss `training.loss` names; an import path is resolved here, once (a ConfigError naming
@@ -128,12 +125,6 @@ def metrics(model: nn.Module, split: Split, task: str = "classify", loss: LossFn
     if task == "lm":
         return {"loss": mean, "bpc": mean / math.log(2)}
     return {"loss": mean, "accuracy": 100.0 * correct / max(len(split), 1)}
-
-
-def evaluate(model: nn.Module, split: Split, batch_size: int = 2000) -> tuple[float, float]:
-    """(mean loss, accuracy in %) of a classifier over a whole split; see `metrics` for text."""
-    m = metrics(model, split, "classify", batch_size=batch_size)
-    return m["loss"], m["accuracy"]
 
 
 def set_threads(threads: int) -> None:
