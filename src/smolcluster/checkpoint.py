@@ -55,7 +55,7 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch
     for idx, entry in sd["state"].items():
         for key, value in entry.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"opt.{idx}.{key}"] = value.detach().clone().contiguous()
+                tensors[f"opt.{idx}.{key}"] = value.detach().to("cpu", copy=True).contiguous()
             else:
                 scalars[f"{idx}.{key}"] = value
     meta = {"optimizer.scalars": json.dumps(scalars), "optimizer.groups": json.dumps(sd["param_groups"])}
@@ -215,6 +215,7 @@ def save_checkpoint(root: Path, flat: FlatModel, optimizer: torch.optim.Optimize
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     tensors, meta = optimizer_tensors(optimizer)
+    flat.pull()
     tensors["params"] = flat.params.clone()
     if flat.nbuf:
         tensors["buffers"] = flat.buffers.clone()
@@ -346,6 +347,7 @@ def _load_folder(folder: Path, flat: FlatModel, optimizer: torch.optim.Optimizer
     flat.params.copy_(params)
     if flat.nbuf:
         flat.buffers.copy_(buffers)
+    flat.push()
     flat.count_steps(step)
     return Checkpoint(step=step, info=info)
 

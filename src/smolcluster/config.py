@@ -134,7 +134,16 @@ class ClusterConfig:
     seed: int = 42
     """Initial weights, the data partition and every shuffle derive from it."""
     checksum_steps: int = 100
-    """Every this many steps each worker sends a checksum of its parameters (0: never)."""
+    """Every this many steps each worker sends a checksum of its parameters (0: never; the last
+    step always has one)."""
+    drift_tolerance: float = 1e-4
+    """Server: a worker whose checksum differs from the server's (devices that round differently,
+    say a CPU beside a GPU) is resynced to the server's parameters if its replica is further than
+    this from them (the L2 distance over the L2 norm, estimated from a sketch the checksum carries);
+    nearer, it trains on. A difference on the last step always resyncs."""
+    resync_steps: int = 0
+    """Server: every this many steps, resync every worker to the server's parameters whatever its
+    checksum says (0: never)."""
     heartbeat_s: float = 2.0
     """Seconds between heartbeats while a side waits; a peer silent for worker_timeout is gone."""
     handshake_timeout: float = 10.0
@@ -191,6 +200,8 @@ class ClusterConfig:
                      "handshake_timeout", "keep_checkpoints"):
             _positive(name, getattr(self, name))
         _positive("checksum_steps", self.checksum_steps, allow_zero=True)
+        _positive("resync_steps", self.resync_steps, allow_zero=True)
+        _positive("drift_tolerance", self.drift_tolerance, allow_zero=True)
         _positive("checkpoint_steps", self.checkpoint_steps, allow_zero=True)
         _positive("bucket_mb", self.bucket_mb)
         _positive("int8_chunk", self.int8_chunk)
@@ -286,6 +297,10 @@ class TrainingConfig:
     """Log every layer's gradient norm to W&B."""
     threads: int = 0
     """torch threads per process (0: torch's default; `run` gives each process cores / num_workers)."""
+    device: str = "auto"
+    """Where this process computes: auto (a CUDA GPU if there is one, else an Apple-silicon GPU
+    (mps), else the CPU), cpu, cuda, cuda:N or mps. Per machine, like threads: a cluster may mix
+    devices (see cluster.drift_tolerance)."""
     out_dir: str = "runs/latest"
     """Where the server writes model.safetensors, summary.json and checkpoints/ (`run` adds logs/);
     relative to the current directory."""
@@ -302,6 +317,9 @@ class TrainingConfig:
     `package.module:callable` taking (logits, targets) and returning the mean loss as a scalar."""
 
     def __post_init__(self) -> None:
+        from smolcluster.devices import check_spec
+
+        check_spec(self.device)
         if self.loss != "cross_entropy" and not is_import_path(self.loss):
             raise ConfigError(f"loss: expected cross_entropy or package.module:callable, got {_quote(self.loss)}")
         for name in ("batch_size", "num_epochs", "learning_rate"):

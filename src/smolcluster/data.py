@@ -185,3 +185,8 @@ def split_size(cfg: DatasetConfig, split: str) -> int:
     if cfg.name == "synthetic":
         return (cfg.train_size if split == "train" else cfg.test_size) or SYNTHETIC_SIZES[split]
     return len(getattr(load_data(cfg, 0), split))
+
+
+def sample(split: Split, n: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """A couple of samples: what a device is tried on before training starts (replica.usable_replica)."""
+    return fetch(split, torch.arange(min(n, len(split))))

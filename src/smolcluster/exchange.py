@@ -58,6 +58,7 @@ class GradExchange:
 
     def _frames(self, b: int, step: int) -> list[bytes | memoryview]:
         bucket, enc = self.buckets[b], self.encoders[b]
+        self.flat.stage(bucket.lo, bucket.hi)  # from the GPU, when the model is on one
         payload = enc.encode(self.flat.wire[bucket.lo : bucket.hi])
         return wire.frame(MsgType.GRAD, payload, step=step, worker=self.id, count=self.count,
                           offset=bucket.lo, dtype=enc.codec.dtype)

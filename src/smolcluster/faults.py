@@ -4,7 +4,9 @@ Kinds: `sleep:SECONDS` before sending the step's gradient; `exit` (clean goodbye
 `kill` (SIGKILL itself, as a crash would); `disconnect` (send half a gradient frame, then drop the
 connection); `garbage` (send random bytes instead of a frame); `nan` (send a NaN gradient);
 `scale:FACTOR` (multiply the step's gradient by FACTOR, e.g. 1e19: finite but absurd, as a bug
-or an fp16 overflow would make it).
+or an fp16 overflow would make it); `perturb:SCALE` (after the step's update, add noise of SCALE
+times the parameters' RMS to this replica: the drift a device that rounds differently causes,
+larger).
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ if TYPE_CHECKING:
     from smolcluster.flat import FlatModel
     from smolcluster.link import Link
 
-Kind = Literal["sleep", "exit", "kill", "disconnect", "garbage", "nan", "scale"]
+Kind = Literal["sleep", "exit", "kill", "disconnect", "garbage", "nan", "scale", "perturb"]
+NEEDS_ARG = {"sleep": "seconds, e.g. 5:sleep:3", "scale": "a factor, e.g. 5:scale:1e19",
+             "perturb": "a relative size, e.g. 5:perturb:1e-3"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,10 +45,8 @@ def parse_fault(text: str) -> Fault:
     parts = text.split(":")
     if len(parts) not in (2, 3) or not parts[0].isdigit() or parts[1] not in get_args(Kind):
         raise ValueError(f"--fault {text!r}: expected STEP:KIND[:ARG] with KIND one of {', '.join(get_args(Kind))}")
-    if parts[1] == "sleep" and len(parts) != 3:
-        raise ValueError(f"--fault {text!r}: sleep needs seconds, e.g. 5:sleep:3")
-    if parts[1] == "scale" and len(parts) != 3:
-        raise ValueError(f"--fault {text!r}: scale needs a factor, e.g. 5:scale:1e19")
+    if parts[1] in NEEDS_ARG and len(parts) != 3:
+        raise ValueError(f"--fault {text!r}: {parts[1]} needs {NEEDS_ARG[parts[1]]}")
     try:
         arg = float(parts[2]) if len(parts) == 3 else 0.0
     except ValueError:
@@ -80,3 +82,15 @@ def inject(fault: Fault, step: int, loss: torch.Tensor, link: Link, flat: FlatMo
     elif fault.kind == "scale":
         return loss * fault.arg  # backward is linear: every gradient of the step scales, the loss slot does not
     return loss
+
+
+def perturb(flat: FlatModel, scale: float, seed: int) -> None:
+    """Add seeded Gaussian noise of `scale` times the parameters' RMS to this replica's parameters."""
+    import torch
+
+    logger.warning(f"injecting fault perturb {scale:g}: this replica's parameters drift from the server's")
+    params = flat.dev_params
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(params.numel(), generator=g).to(params.device)
+    rms = float(params.norm()) / max(params.numel(), 1) ** 0.5
+    params.add_(noise, alpha=scale * rms)

@@ -1,7 +1,7 @@
 """The handshake, both sides: who may join, proved with the cluster token, over TLS if configured.
 
     server --CHALLENGE{nonce, auth}--> worker
-    worker --HELLO{worker_id, nonce, proof, fingerprint, host}--> server
+    worker --HELLO{worker_id, nonce, proof, fingerprint, host, device}--> server
     server --WELCOME{run shape, W&B group, proof}--> worker     (or REJECT{reason})
 
 The proofs are HMACs over both nonces (auth.py), so each side proves it knows the token without
@@ -57,6 +57,8 @@ class Hello:
     worker_id: int
     worker_nonce: str
     host: str
+    device: str = ""
+    """What it computes on (devices.describe), for the log and the summary."""
 
 
 def check_hello(hello: dict[str, Any], *, num_workers: int, token: bytes | None, server_nonce: str,
@@ -75,7 +77,7 @@ def check_hello(hello: dict[str, Any], *, num_workers: int, token: bytes | None,
     diffs = diff_fingerprints(fingerprint, theirs if isinstance(theirs, dict) else {})
     if diffs:
         return "job differs from the server's: " + "; ".join(diffs[:5])
-    return Hello(wid, worker_nonce, str(hello.get("host", "?"))[:64])
+    return Hello(wid, worker_nonce, str(hello.get("host", "?"))[:64], str(hello.get("device", "?"))[:100])
 
 
 def welcome(hello: Hello, token: bytes | None, server_nonce: str, **run: Any) -> list[bytes | memoryview]:
@@ -118,7 +120,8 @@ def _control(link: Link, mtype: MsgType, timeout: float) -> dict[str, Any]:
         raise
 
 
-def handshake(link: Link, c: ClusterConfig, token: bytes | None, fingerprint: dict[str, Any]) -> dict[str, Any]:
+def handshake(link: Link, c: ClusterConfig, token: bytes | None, fingerprint: dict[str, Any],
+              device: str = "") -> dict[str, Any]:
     """Prove the token (if any), present our fingerprint, and check the server proves it too."""
     try:
         offer = _control(link, MsgType.CHALLENGE, c.handshake_timeout)
@@ -132,7 +135,7 @@ def handshake(link: Link, c: ClusterConfig, token: bytes | None, fingerprint: di
         raise WorkerError(f"the {link.peer} asks for no cluster token but we have one: it is not our "
                           f"cluster's server (or it was started without ${auth.TOKEN_ENV})")
     hello: dict[str, Any] = {"worker_id": link.id, "host": socket.gethostname(), "pid": os.getpid(),
-                             "nonce": my_nonce, "fingerprint": fingerprint}
+                             "nonce": my_nonce, "fingerprint": fingerprint, "device": device}
     if token is not None:
         hello["proof"] = auth.proof(token, "worker", server_nonce, my_nonce, link.id)
     try:
@@ -146,7 +149,7 @@ def handshake(link: Link, c: ClusterConfig, token: bytes | None, fingerprint: di
 
 
 def join(c: ClusterConfig, address: tuple[str, int], peer: str, worker_id: int, token: bytes | None,
-         fingerprint: dict[str, Any], since: float | None = None) -> tuple[Link, dict[str, Any]]:
+         fingerprint: dict[str, Any], since: float | None = None, device: str = "") -> tuple[Link, dict[str, Any]]:
     """Dial and handshake; while the server cuts the handshake short (it sheds connections when
     flooded), try again with backoff until `connect_timeout` (counted from `since`, a loss)."""
     deadline = (since or time.monotonic()) + c.connect_timeout
@@ -155,7 +158,7 @@ def join(c: ClusterConfig, address: tuple[str, int], peer: str, worker_id: int, 
         link = None
         try:
             link = Link(dial(c, address, peer, max(deadline - time.monotonic(), 1.0)), peer, worker_id)
-            answer = handshake(link, c, token, fingerprint)
+            answer = handshake(link, c, token, fingerprint, device)
             break
         except HandshakeCut as e:
             if link is not None:

@@ -43,6 +43,10 @@ class Peer:
     worker_id: int = 0
     synced: bool = False
     """Holds the current parameters and optimizer state (so its gradients count)."""
+    drift: str = ""
+    """Why it is to be resynced at the next step boundary (its replica drifted, or a periodic resync)."""
+    resync_at: int = -1
+    """The step it was resynced to, until it acknowledges (its gradients until then are dropped)."""
     inbox: Any = None
     """Its gradient payloads (an averaging.Inbox), once it joined."""
     since: float = field(default_factory=time.monotonic)

@@ -14,6 +14,7 @@ from loguru import logger
 
 from smolcluster import handshake, wire
 from smolcluster.checkpoint import encode_state
+from smolcluster.drift import CHUNKS, Digest, digest, parse_sketch, relative_drift
 from smolcluster.errors import ClusterError
 from smolcluster.hub import Peer
 from smolcluster.results import Counters
@@ -37,6 +38,8 @@ class Membership:
     counters: Counters
     step: int
     started: bool
+    devices: dict[str, str]
+    checksums: dict[int, Digest]
 
     def on_connect(self, peer: Peer) -> None:
         peer.nonce, offer = handshake.challenge(self.token)
@@ -58,8 +61,8 @@ class Membership:
             return None
         if header.type != MsgType.GRAD or not peer.synced:
             raise ProtocolError(f"{peer.name}: a worker may not send {header.type.name} now")
-        if header.step < self.resync_step:
-            return wire.SKIP  # computed from parameters that were rolled back
+        if header.step < self.resync_step or peer.resync_at >= 0:
+            return wire.SKIP  # computed from parameters that were rolled back, or that drifted
         if header.step > self.step:
             raise ProtocolError(f"{peer.name}: gradient for step {header.step} while the server is at step {self.step}")
         if not 0 < header.count <= self.cfg.training.batch_size:
@@ -100,14 +103,15 @@ class Membership:
         self._progressed(wid)
         if self.started:
             self.counters.rejoined += 1
+        self.devices[str(wid)] = ok.device
         logger.info(f"worker {wid} {'rejoined' if self.started else 'joined'} from {peer.addr} "
-                    f"({ok.host}); {len(self.workers)}/{n} workers")
+                    f"({ok.host}, {ok.device}); {len(self.workers)}/{n} workers")
         self.hub.send(peer, handshake.welcome(ok, self.token, peer.nonce, total_steps=self.total_steps,
                                               steps_per_epoch=self.steps_per_epoch, wandb_group=self.wandb_group))
 
     def _on_grad(self, peer: Peer, header: Header) -> None:
         self._progressed(peer.worker_id)  # late or not, it is working
-        if header.step < self.resync_step:
+        if header.step < self.resync_step or peer.resync_at >= 0:
             return
         result, inbox = self.avg.receive(peer.inbox, header), peer.inbox
         if result == "late":
@@ -136,18 +140,38 @@ class Membership:
                                     f"{behind - 1} steps (worker_timeout={c.worker_timeout:g})")
 
     def _on_checksum(self, peer: Peer, header: Header, body: dict[str, Any]) -> None:
+        """A worker's replica after step `header.step`, against ours: equal; drifted but within
+        `cluster.drift_tolerance` (it trains on); or further, or on the last step: resynced."""
         theirs, ours = body.get("crc"), self.checksums.get(header.step)
+        sketch = parse_sketch(body, len(ours.sketch) if ours else CHUNKS, peer.name)
+        if body.get("resynced"):
+            if peer.resync_at != header.step + 1:
+                return  # the acknowledgement of a rollback's resync (`_resync_all`), or of an older one
+            peer.resync_at = -1  # its gradients count again
+        elif peer.resync_at >= 0:
+            return  # of parameters it is being resynced from
         if ours is None and header.step < self.resync_step:
             return  # of parameters the server rolled back
         if ours is None:
             logger.warning(f"{peer.name} sent a checksum for step {header.step}, which the server has none of")
             return
-        if header.step == self.total_steps - 1:
-            self.final_acks.add(peer.worker_id)
-        if theirs != ours:
-            self.counters.replica_mismatches += 1
-            logger.error(f"worker {peer.worker_id}'s parameters differ from the server's after step {header.step} "
-                         f"(crc {theirs} != {ours}): its replica has drifted")
+        last = header.step == self.total_steps - 1
+        if theirs == ours.crc:
+            if last:
+                self.final_acks.add(peer.worker_id)
+            return
+        self.counters.replica_mismatches += 1
+        tolerance = self.cfg.cluster.drift_tolerance
+        drift = relative_drift(ours, sketch)
+        what = (f"worker {peer.worker_id}'s parameters differ from the server's after step {header.step} "
+                f"by {drift:.2g} of their norm (cluster.drift_tolerance={tolerance:g})")
+        if body.get("resynced"):
+            self.hub.drop(peer, f"{what} right after a resync: the parameters it was sent did not arrive intact")
+            return
+        if drift <= tolerance and not last:
+            logger.info(f"{what}: within the tolerance, it trains on")
+            return
+        peer.drift = what + ("" if drift > tolerance else " on the last step")
 
     # --- training -----------------------------------------------------------------------------
 
@@ -174,15 +198,46 @@ class Membership:
         fresh = [p for p in self.workers.values() if not p.synced]
         if not fresh:
             return
-        params = bytes(self.flat.param_bytes)  # a snapshot: the live buffer changes next step
-        state = encode_state(self.optimizer, self.flat.buffers)
+        self._send_replica(fresh, self.step)
         for peer in fresh:
-            self.hub.send(peer, [
-                *wire.frame(MsgType.PARAMS, params, step=self.step, dtype=DType.F32),
-                *wire.frame(MsgType.STATE, state, step=self.step, dtype=DType.RAW),
-            ])
             peer.synced = True
-            self._progressed(peer.worker_id)
             if self.started:
                 logger.info(f"worker {peer.worker_id} is back in lockstep from step {self.step}")
+
+    def _send_replica(self, peers: list[Peer], step: int) -> None:
+        """PARAMS and STATE (the server's replica as it is now) to `peers`, to train on from `step`."""
+        self.flat.pull()
+        params = bytes(self.flat.param_bytes)  # a snapshot: the live buffer changes next step
+        state = encode_state(self.optimizer, self.flat.buffers)
+        for peer in peers:
+            self.hub.send(peer, [
+                *wire.frame(MsgType.PARAMS, params, step=step, dtype=DType.F32),
+                *wire.frame(MsgType.STATE, state, step=step, dtype=DType.RAW),
+            ])
+            self._progressed(peer.worker_id)
+
+    def _digest(self) -> Digest:
+        return digest(self.flat, self.cfg.cluster.seed)
+
+    def _resync_drifted(self, step: int) -> None:
+        """At a step boundary, resync the workers marked to be (`Peer.drift`) to the server's replica.
+
+        Such a worker may have sent gradients for `step` from its own parameters already: they and
+        anything else it sends before it acknowledges the resync are dropped (`target`), and it
+        computes the step again from the parameters it was sent."""
+        due = [p for p in self.workers.values() if p.drift and p.synced]
+        if not due:
+            return
+        if step - 1 not in self.checksums:
+            self.checksums[step - 1] = self._digest()
+        self._send_replica(due, step)
+        for peer in due:
+            periodic = peer.drift.startswith("periodic")
+            if periodic:
+                self.counters.periodic_resyncs += 1
+            else:
+                self.counters.drift_resyncs += 1
+            (logger.info if periodic else logger.warning)(
+                f"resyncing worker {peer.worker_id} to the server's parameters at step {step}: {peer.drift}")
+            peer.drift, peer.resync_at = "", step
 

@@ -34,6 +34,7 @@ class Replica:
     fingerprint: dict[str, Any]
     """What must agree between server and workers: the config's fingerprint, the model's layout and
     the data's identity (compared key by key at the handshake)."""
+    device: torch.device
 
     @property
     def state_limit(self) -> int:
@@ -56,9 +57,12 @@ def seeded(factory: ModelFactory, seed: int) -> nn.Module:
     return model
 
 
-def build_replica(cfg: Config, model_factory: ModelFactory | None = None, meta: DataMeta | None = None) -> Replica:
+def build_replica(cfg: Config, model_factory: ModelFactory | None = None, meta: DataMeta | None = None,
+                  device: torch.device | None = None) -> Replica:
     """Model (seeded), flat buffers, optimizer, buckets and fingerprint for `cfg` and the data
-    `meta` describes (its sizes fill in the model's; its identity joins the fingerprint)."""
+    `meta` describes (its sizes fill in the model's; its identity joins the fingerprint), on
+    `device` (default: the one training.device names on this machine)."""
+    from smolcluster import devices
     from smolcluster.buckets import make_buckets
     from smolcluster.flat import FlatModel
     from smolcluster.models import build_model, layout
@@ -66,11 +70,12 @@ def build_replica(cfg: Config, model_factory: ModelFactory | None = None, meta: 
 
     c, t = cfg.cluster, cfg.training
     set_threads(t.threads)
+    device = devices.resolve(t.device) if device is None else device
     if model_factory is not None:
         model = seeded(model_factory, c.seed)
     else:
         model = build_model(cfg.model, c.seed, meta)
-    flat = FlatModel(model)
+    flat = FlatModel(model, device)
     optimizer = build_optimizer(model, t)
     sizes = [p.numel() for p in model.parameters() if p.requires_grad]
     buckets = make_buckets(sizes, max(1, int(c.bucket_mb * 2**20) // 4), flat.nbuf)
@@ -79,4 +84,30 @@ def build_replica(cfg: Config, model_factory: ModelFactory | None = None, meta: 
         fingerprint["buffers"] = flat.buffer_layout
     if meta is not None:
         fingerprint["data"] = meta.identity
-    return Replica(model, flat, optimizer, buckets, fingerprint)
+    return Replica(model, flat, optimizer, buckets, fingerprint, device)
+
+
+def usable_replica(cfg: Config, model_factory: ModelFactory | None, meta: DataMeta | None,
+                   sample: tuple[torch.Tensor, torch.Tensor], loss: Callable[..., torch.Tensor]) -> Replica:
+    """`build_replica`, on the CPU instead (with one log line) if the device lacks an operation the
+    model needs: MPS does not implement every op, and the alternative is a crash at step 0.
+    PYTORCH_ENABLE_MPS_FALLBACK=1 (the user's to set, never ours) runs just that op on the CPU."""
+    import torch
+    from loguru import logger
+
+    from smolcluster.devices import lacks_op
+
+    replica = build_replica(cfg, model_factory, meta)
+    if replica.device.type == "cpu":
+        return replica
+    flat = replica.flat
+    saved = flat.dev_buffers.clone()
+    missing = lacks_op(replica.model, sample, loss, replica.device)  # undone right after:
+    flat.dev_buffers.copy_(saved)
+    flat.zero_grad()
+    if not missing:
+        return replica
+    logger.warning(f"{replica.device} lacks an operation this model needs ({missing}); this process trains on "
+                   "the CPU (on a Mac, PYTORCH_ENABLE_MPS_FALLBACK=1 would run just that operation on "
+                   "the CPU instead)")
+    return build_replica(cfg, model_factory, meta, torch.device("cpu"))

@@ -45,7 +45,7 @@ def save_model(model: nn.Module, model_cfg: ModelConfig, path: Path, extra: dict
     The config is stored with its sizes of 0 filled in from `meta` (the data's description, the
     one the model was built with; None: MNIST), and `meta` itself under DATA_KEY: a text model's
     vocabulary travels with its weights."""
-    tensors = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
     resolved = resolve(model_cfg, meta)
     info = {"smolcluster.model": json.dumps(dataclasses.asdict(resolved))}
     if meta is not None:
@@ -185,6 +185,8 @@ class Counters:
     rejoined: int = 0
     refused: int = 0
     replica_mismatches: int = 0
+    drift_resyncs: int = 0
+    periodic_resyncs: int = 0
 
 
 def step_ms_stats(times: list[float], skip: int = 5) -> dict[str, float]:

@@ -27,7 +27,7 @@ def state_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
 
 def replica_finite(flat: FlatModel, optimizer: torch.optim.Optimizer) -> bool:
     """Whether parameters and optimizer state hold only finite numbers."""
-    sums = [flat.params.sum(), flat.buffers.sum(), *(t.sum() for t in state_tensors(optimizer))]
+    sums = [flat.dev_params.sum(), flat.dev_buffers.sum(), *(t.sum() for t in state_tensors(optimizer))]
     return math.isfinite(float(torch.stack(sums).sum()))
 
 
@@ -37,8 +37,8 @@ class Snapshot:
     def __init__(self, flat: FlatModel, optimizer: torch.optim.Optimizer, every: int = 20) -> None:
         self.flat, self.optimizer, self.every = flat, optimizer, every
         self.step = -1
-        self.params = torch.empty_like(flat.params)
-        self.buffers = torch.empty_like(flat.buffers)
+        self.params = torch.empty_like(flat.dev_params)  # where the model is: no copy to the CPU
+        self.buffers = torch.empty_like(flat.dev_buffers)
         self.state: list[torch.Tensor] = []
 
     def due(self, step: int) -> bool:
@@ -46,8 +46,8 @@ class Snapshot:
 
     def take(self, step: int) -> None:
         """Copy the replica (checked finite by the caller) as it is after `step` steps."""
-        self.params.copy_(self.flat.params)
-        self.buffers.copy_(self.flat.buffers)
+        self.params.copy_(self.flat.dev_params)
+        self.buffers.copy_(self.flat.dev_buffers)
         live = state_tensors(self.optimizer)
         if len(live) != len(self.state) or any(a.shape != b.shape for a, b in zip(live, self.state)):
             self.state = [t.detach().clone() for t in live]  # the state appears at the first step
@@ -59,8 +59,8 @@ class Snapshot:
         """Put the snapshot back in place (the optimizer keeps its tensors); returns its step."""
         if self.step < 0:
             raise RuntimeError("no snapshot to roll back to")
-        self.flat.params.copy_(self.params)
-        self.flat.buffers.copy_(self.buffers)
+        self.flat.dev_params.copy_(self.params)
+        self.flat.dev_buffers.copy_(self.buffers)
         live = state_tensors(self.optimizer)
         if live and len(live) == len(self.state):
             torch._foreach_copy_(live, self.state)

@@ -161,6 +161,10 @@ def run_local(cfg: Config, config_args: list[str], port: int | None = None, prog
     the server or a worker with the subcommand after it (default: `python -m smolcluster`).
     """
     c, t = cfg.cluster, cfg.training
+    if t.device not in ("auto", "cpu"):  # every process runs here: refuse a missing GPU once, up front
+        from smolcluster.devices import resolve
+
+        resolve(t.device)
     if port is None:
         port = free_port()
     elif not port_is_free("127.0.0.1", port):

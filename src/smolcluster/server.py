@@ -27,6 +27,8 @@ from smolcluster.admission import raise_fd_limit
 from smolcluster.averaging import Averager
 from smolcluster.checkpoint import encode_state, load_checkpoint, save_checkpoint
 from smolcluster.config import Config, diff_fingerprints
+from smolcluster.devices import describe
+from smolcluster.drift import Digest, digest
 from smolcluster.errors import ClusterError
 from smolcluster.faults import Fault
 from smolcluster.hub import Hub, Peer
@@ -38,7 +40,7 @@ from smolcluster.progress import Progress
 from smolcluster.results import Counters, headline, save_model, step_ms_stats, write_summary
 from smolcluster.rollback import Snapshot, replica_finite
 from smolcluster.tracking import group_name, start_tracker
-from smolcluster.replica import build_replica
+from smolcluster.replica import usable_replica
 from smolcluster.train import learning_rate, make_loss, metrics, optimizer_step
 from smolcluster.wire import DType, MsgType
 
@@ -62,10 +64,13 @@ class Server(Membership):
         self.meta, self.test = loaded.meta, data.eval_subset(loaded.test, t.eval_samples, c.seed)
         n_train = len(loaded.train)
         del loaded  # the server trains on nothing: only the test set stays
-        self.replica = build_replica(cfg, job.model if job else None, self.meta)
+        self.loss = job.loss if job and job.loss else make_loss(t)
+        self.replica = usable_replica(cfg, job.model if job else None, self.meta, data.sample(self.test), self.loss)
         self.model, self.flat, self.optimizer = self.replica.model, self.replica.flat, self.replica.optimizer
         self.fingerprint = self.replica.fingerprint
-        self.loss = job.loss if job and job.loss else make_loss(t)
+        self.devices = {"server": describe(self.replica.device)}
+        """What each process computes on (the server's, then each worker's from its HELLO)."""
+        logger.info(f"the server computes on {self.devices['server']}")
         self.steps_per_epoch = data.steps_per_epoch(n_train, c.num_workers, t.batch_size, cfg.dataset.validation_split)
         total = self.steps_per_epoch * t.num_epochs
         self.total_steps = min(total, t.max_steps) if t.max_steps else total
@@ -82,7 +87,8 @@ class Server(Membership):
         self.healthy = True
         self.started = False
         self.workers: dict[int, Peer] = {}
-        self.checksums: dict[int, int] = {}
+        self.checksums: dict[int, Digest] = {}
+        """The server's replica after each checksummed step, to compare the workers' with."""
         self.final_acks: set[int] = set()
         self.counters = Counters()
         self.step_late = 0
@@ -213,13 +219,8 @@ class Server(Membership):
         and sent gradients for this step from it); those gradients are dropped as stale."""
         self.resync_step = self.step + 1
         self.flat.count_steps(self.resync_step)
-        params, state = bytes(self.flat.param_bytes), encode_state(self.optimizer, self.flat.buffers)
-        for peer in [p for p in self.workers.values() if p.synced]:
-            self.hub.send(peer, [
-                *wire.frame(MsgType.PARAMS, params, step=self.resync_step, dtype=DType.F32),
-                *wire.frame(MsgType.STATE, state, step=self.resync_step, dtype=DType.RAW),
-            ])
-            self._progressed(peer.worker_id)
+        self.checksums[self.resync_step - 1] = self._digest()  # what their acknowledgements must match
+        self._send_replica([p for p in self.workers.values() if p.synced], self.resync_step)
 
     def _evaluate(self) -> dict[str, float]:
         """The test metrics that fit the task: loss and accuracy, or loss and bits per character."""
@@ -235,6 +236,11 @@ class Server(Membership):
         c, t = self.cfg.cluster, self.cfg.training
         self.step_late = 0
         self._sync_newcomers()
+        if c.resync_steps and self.step % c.resync_steps == 0 and self.started:
+            for peer in self.workers.values():
+                if peer.synced and not peer.drift:
+                    peer.drift = f"periodic resync (cluster.resync_steps={c.resync_steps})"
+        self._resync_drifted(self.step)
         self.started = True  # from the first step's collect on, a drop costs steps and a HELLO is a rejoin
         t0 = time.monotonic()
         self.comm_s = 0.0
@@ -244,12 +250,13 @@ class Server(Membership):
         if t.max_grad_norm:  # clipping rewrites the gradient buffer that queued AVG frames still point into
             for peer in self.workers.values():
                 peer.writer.own()
+        self.flat.land()  # the averages, to the GPU if the model is on one
         optimizer_step(self.optimizer, t, self.step, self.total_steps)
         self.flat.count_steps(self.step + 1)
         self.healthy = healthy = self._check_replica()
         last = self.step == self.total_steps - 1
         if healthy and (last or (c.checksum_steps and (self.step + 1) % c.checksum_steps == 0)):
-            self.checksums[self.step] = self.flat.checksum()
+            self.checksums[self.step] = self._digest()
         t3 = time.monotonic()
         self.step_times.append(t3 - t0)
         metrics: dict[str, Any] = {
@@ -315,7 +322,6 @@ class Server(Membership):
             bar.close()
             if resync:  # the last step was rolled back: hand the workers the state the run ends with
                 self._resync_all()
-                self.checksums[self.total_steps - 1] = self.flat.checksum()
             train_s = time.monotonic() - t_train
             self._await_final_checksums()
             final = self._evaluate()
@@ -339,9 +345,11 @@ class Server(Membership):
             self.hub.close()
 
     def _await_final_checksums(self) -> None:
+        """Every worker's last checksum, equal to ours; one that differs is resynced and asked again."""
         deadline = time.monotonic() + self.cfg.cluster.worker_timeout
         while set(self.workers) - self.final_acks and time.monotonic() < deadline:
             self.hub.pump(min(deadline - time.monotonic(), self.cfg.cluster.heartbeat_s))
+            self._resync_drifted(self.total_steps)
         missing = sorted(set(self.workers) - self.final_acks)
         if missing:
             logger.warning(f"workers {missing} sent no final checksum; their replicas are unverified")
@@ -376,6 +384,9 @@ class Server(Membership):
             "connections_refused": self.counters.refused,
             "connections_shed": self.hub.admission.shed_total,
             "replica_mismatches": self.counters.replica_mismatches,
+            "drift_resyncs": self.counters.drift_resyncs,
+            "periodic_resyncs": self.counters.periodic_resyncs,
+            "devices": self.devices,
             "replicas_verified": sorted(self.final_acks),
             "evals": self.evals,
             "checksum": self.flat.checksum(),

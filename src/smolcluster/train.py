@@ -34,6 +34,11 @@ def build_optimizer(model: nn.Module, cfg: TrainingConfig) -> torch.optim.Optimi
     try:
         return cls(params, fused=True, **kwargs)
     except (RuntimeError, TypeError, ValueError):  # an old torch, or a device without fused kernels
+        from smolcluster.devices import once
+
+        where = params[0].device.type if params else "cpu"
+        once(f"fused-{cfg.optimizer}", f"this torch has no fused {cfg.optimizer} kernel on {where}: "
+                                       "using the per-tensor loop (the same numbers, slower)")
         return cls(params, foreach=False, **kwargs)
 
 
@@ -104,12 +109,16 @@ def metrics(model: nn.Module, split: Split, task: str = "classify", loss: LossFn
         raise ValueError(f"task: expected 'classify' or 'lm', got {task!r}")
     if not batch_size:
         batch_size = 2000 if task == "classify" else max(1, 65536 // max(1, split[0][1].numel() if len(split) else 1))
+    from smolcluster.devices import batch_to
+
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     was_training = model.training
     model.eval()
     try:
         loss_sum, correct, targets = 0.0, 0, 0
         for idx in torch.arange(len(split)).split(batch_size):
             x, y = fetch(split, idx)  # any dataset: one fancy index in memory, else item by item
+            x, y = batch_to(x, device), batch_to(y, device)
             logits = model(x)
             if loss is None:  # summed exactly, not a mean times a count
                 flat = logits.reshape(-1, logits.shape[-1]) if logits.dim() > 2 else logits

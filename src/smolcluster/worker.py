@@ -17,12 +17,14 @@ from loguru import logger
 from smolcluster import auth, data, handshake, wire
 from smolcluster.checkpoint import decode_state
 from smolcluster.config import Config
+from smolcluster.devices import batch_to, describe
+from smolcluster.drift import digest
 from smolcluster.errors import CheckpointError, ConfigError, ServerLost, WorkerError
 from smolcluster.exchange import GradExchange
-from smolcluster.faults import Fault, inject
+from smolcluster.faults import Fault, inject, perturb
 from smolcluster.link import Link
 from smolcluster.progress import Progress
-from smolcluster.replica import build_replica
+from smolcluster.replica import usable_replica
 from smolcluster.results import headline, save_model
 from smolcluster.tracking import NullTracker, Tracker, start_tracker
 from smolcluster.augment import augment_batch
@@ -52,7 +54,9 @@ class Worker:
             raise ConfigError(f"--id {worker_id}: expected 1..{c.num_workers} (cluster num_workers)")
         self.cfg, self.id = cfg, worker_id
         self.token = auth.load_token(c.token_file)
-        self.faults = {f.step: f for f in faults or []}
+        self.faults = {f.step: f for f in faults or [] if f.kind != "perturb"}
+        self.perturb = {f.step: f.arg for f in faults or [] if f.kind == "perturb"}
+        """Steps after which this replica's parameters are nudged by a relative amount (a fault)."""
         self.save_params = save_params
         loaded = data.load_data(cfg.dataset, c.seed, job.data if job else None)
         self.meta = loaded.meta
@@ -63,8 +67,10 @@ class Worker:
         self.val = data.eval_subset(data.take(loaded.train, held), t.eval_samples, c.seed) if len(held) else None
         del loaded  # only this worker's shard stays in memory
         self.steps_per_epoch = data.steps_per_epoch(n_train, c.num_workers, t.batch_size, cfg.dataset.validation_split)
-        self.replica = build_replica(cfg, job.model if job else None, self.meta)
         self.loss = job.loss if job and job.loss else make_loss(t)
+        self.replica = usable_replica(cfg, job.model if job else None, self.meta, data.sample(self.train), self.loss)
+        self.device = self.replica.device
+        logger.info(f"worker {worker_id} computes on {describe(self.device)}")
         self.model, self.flat, self.optimizer = self.replica.model, self.replica.flat, self.replica.optimizer
         self.buckets = self.replica.buckets
         self.address = (c.server_address(host), c.port)
@@ -105,11 +111,19 @@ class Worker:
             decode_state(self.optimizer, bytes(state), self.peer, self.flat.buffers)
         except CheckpointError as e:
             raise WorkerError(str(e)) from None
+        self.flat.push()
         assert self.exchange is not None
-        self.exchange.restart()
+        self.exchange.restart()  # every bucket of the abandoned step has left before the acknowledgement
         self.flat.count_steps(step)
-        logger.warning(f"the server rolled back its replica; resynced to its parameters, training on from step {step}")
+        self._send_checksum(step - 1, resynced=True)  # from here on, our gradients count again
+        logger.warning(f"the server resynced this replica to its parameters; training on from step {step}")
         raise Resynced(step)
+
+    def _send_checksum(self, step: int, resynced: bool = False) -> None:
+        """Our replica after `step`, for the server to compare with its own (drift.py)."""
+        assert self.link is not None
+        body = digest(self.flat, self.cfg.cluster.seed).to_json()
+        self.link.send(MsgType.CHECKSUM, {**body, "resynced": True} if resynced else body, step=step)
 
     def _expect(self, mtype: MsgType, step: int, timeout: float) -> tuple[Header, memoryview]:
         while True:
@@ -130,6 +144,7 @@ class Worker:
             decode_state(self.optimizer, bytes(state), self.peer, self.flat.buffers)
         except CheckpointError as e:
             raise WorkerError(str(e)) from None
+        self.flat.push()
         self.flat.count_steps(header.step)
         return header.step
 
@@ -159,7 +174,8 @@ class Worker:
         """One connection's worth of training; None if it broke and we should reconnect."""
         c = self.cfg.cluster
         self.link, welcome = handshake.join(c, self.address, self.peer, self.id, self.token,
-                                            self.replica.fingerprint, since=self._lost_at)
+                                            self.replica.fingerprint, since=self._lost_at,
+                                            device=describe(self.device))
         try:
             if not self._tracking:  # the server names the W&B group this worker's run belongs to
                 self.tracker = start_tracker(self.cfg, f"worker-{self.id}", welcome.get("wandb_group"))
@@ -179,8 +195,8 @@ class Worker:
                 try:
                     header, payload = self._expect(MsgType.DONE, total, c.worker_timeout)
                     break
-                except Resynced:  # the last step was rolled back: confirm we hold what the server holds
-                    self.link.send(MsgType.CHECKSUM, {"crc": self.flat.checksum()}, step=total - 1)
+                except Resynced:  # resynced to the run's final parameters (acknowledged in _resync)
+                    pass
             done = wire.decode_json(payload, header, self.peer)
             logger.info(f"training done; the server reports {headline(done)}")
             return done
@@ -239,6 +255,7 @@ class Worker:
     def _step(self, step: int, total: int) -> None:
         c, t = self.cfg.cluster, self.cfg.training
         x, y = self._batch(step)
+        x, y = batch_to(x, self.device), batch_to(y, self.device)
         # Dropout's masks: this worker's own (not every worker's the same), and the same in a rerun.
         torch.manual_seed((c.seed * 1_000_003 + self.id * 10_007 + step) % 2**63)
         t0 = time.monotonic()
@@ -257,11 +274,13 @@ class Worker:
             if self.exchange.land(header):
                 break
         t2 = time.monotonic()
+        self.flat.land()  # the averages, to the GPU if the model is on one
         optimizer_step(self.optimizer, t, step, total)
         self.flat.count_steps(step + 1)
+        if step in self.perturb:  # an injected fault: this replica drifts from the others
+            perturb(self.flat, self.perturb.pop(step), c.seed + self.id)
         if step == total - 1 or (c.checksum_steps and (step + 1) % c.checksum_steps == 0):
-            assert self.link is not None
-            self.link.send(MsgType.CHECKSUM, {"crc": self.flat.checksum()}, step=step)
+            self._send_checksum(step)
         t3 = time.monotonic()
         row = {"worker/loss": own_loss, "worker/global_loss": self.flat.loss,
                "time/compute_s": (t1 - t0) + (t3 - t2), "time/communicate_s": t2 - t1, "time/step_s": t3 - t0}
