@@ -12,6 +12,12 @@ the global training loss at no extra message, the buffers so that every replica,
 too, holds the same running statistics after every step. The model's buffers *are* that part of
 the wire buffer, so forward updates them in place and the average lands in place: no copies.
 Integer buffers (BatchNorm's `num_batches_tracked`) are set to the step count on every replica.
+
+On a GPU the model cannot live in the socket's memory, so it gets flat buffers of the same layout
+on the device (`dev_params`, `dev_wire`) and the wire's stay on the CPU: `stage` copies a bucket out
+when backward has finished it, `land` copies the averages in, `pull` and `push` move parameters for
+checksums, resyncs and checkpoints. On the CPU the `dev_` names are the wire's own tensors and
+those methods do nothing.
 """
 
 from __future__ import annotations

@@ -299,7 +299,7 @@ class Server(Membership):
         """Train to the end; returns the summary (also written to out_dir/summary.json)."""
         c = self.cfg.cluster
         t_start = time.monotonic()
-        self.tracker = start_tracker(self.cfg, "server", self.wandb_group)
+        self.tracker = start_tracker(self.cfg, "server", self.wandb_group, device=self.devices["server"])
         try:
             self._wait_for_workers()
             logger.info(f"all {c.num_workers} workers joined; training {self.cfg.model.type} for "

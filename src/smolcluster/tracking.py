@@ -168,9 +168,10 @@ def _close_quietly(run: Any) -> None:
 
 def start_tracker(
     cfg: Config, role: str, group: str | None = None, *, init: Callable[..., Any] | None = None,
-    environ: Mapping[str, str] = os.environ,
+    environ: Mapping[str, str] = os.environ, device: str = "",
 ) -> Tracker:
-    """The tracker for this process (`role`: "server" or "worker-K") in W&B group `group`.
+    """The tracker for this process (`role`: "server" or "worker-K") in W&B group `group`; the
+    run's config records `device`, what this process computes on.
 
     Never raises and waits at most `wandb.init_timeout` seconds; `init` replaces `wandb.init`
     (tests inject failing ones).
@@ -198,7 +199,7 @@ def start_tracker(
         )
         kwargs = dict(
             project=w.project, entity=w.entity, group=group, name=role, job_type=role.split("-")[0],
-            config=cfg.to_dict(), dir=str(base), mode=mode, settings=settings,
+            config={**cfg.to_dict(), "device": device}, dir=str(base), mode=mode, settings=settings,
         )
         t0 = time.monotonic()
         run = _bounded(lambda: (init or wandb.init)(**kwargs), w.init_timeout, _close_quietly)

@@ -178,7 +178,8 @@ class Worker:
                                             device=describe(self.device))
         try:
             if not self._tracking:  # the server names the W&B group this worker's run belongs to
-                self.tracker = start_tracker(self.cfg, f"worker-{self.id}", welcome.get("wandb_group"))
+                self.tracker = start_tracker(self.cfg, f"worker-{self.id}", welcome.get("wandb_group"),
+                                             device=describe(self.device))
                 self._tracking = True
             total = welcome["total_steps"]
             logger.info(f"joined the {self.peer} as worker {self.id}: shard of {len(self.train)} samples, "

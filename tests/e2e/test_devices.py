@@ -28,25 +28,22 @@ def finished(cluster: Cluster, timeout: float = 150) -> Cluster:
     return cluster
 
 
-@pytest.mark.parametrize("spec, says", [
-    ("tpu", "training.device: expected auto, cpu, cuda, cuda:N or mps"),
-    pytest.param("cuda:0", "training.device: cuda:0 asked for", marks=pytest.mark.skipif(
-        torch.cuda.is_available(), reason="this machine has CUDA")),
-])
-def test_a_device_that_is_not_there_is_a_config_error_naming_the_key(spec, says):
-    done = subprocess.run(smolcluster("worker", "--id", "1", "--set", f"training.device={spec}",
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_a_device_that_is_not_there_is_a_config_error_naming_the_key():
+    done = subprocess.run(smolcluster("worker", "--id", "1", "--set", "training.device=cuda:0",
                                       "--set", "dataset.name=synthetic"),
                           capture_output=True, text=True, env=env(), cwd=REPO, timeout=60)
     assert done.returncode == 2, done.stderr[-2000:]
-    assert says in done.stderr, done.stderr[-2000:]
+    assert "training.device: cuda:0 asked for" in done.stderr, done.stderr[-2000:]
 
 
 def test_the_gpu_path_gives_the_cpu_path_bits(tmp_path):
     """Model memory apart from the wire's, copies at the step's edges (BatchNorm buffers too):
     the same parameters, bit for bit, as the zero-copy CPU path, and the same replicas."""
-    plain = finished(Cluster(tmp_path / "plain", workers=2, args=BN, extra_env=USER_ENV).start())
-    copied = finished(Cluster(tmp_path / "copied", workers=2, args=[*BN, "--set", "training.device=cpu"],
-                              extra_env={**USER_ENV, "SMOLCLUSTER_COPY_PATH": "1"}).start())
+    plain = Cluster(tmp_path / "plain", workers=2, args=BN, extra_env=USER_ENV).start()
+    copied = Cluster(tmp_path / "copied", workers=2, args=[*BN, "--set", "training.device=cpu"],
+                     extra_env={**USER_ENV, "SMOLCLUSTER_COPY_PATH": "1"}).start()
+    finished(plain), finished(copied)
     assert_same_params(plain.server_params(), copied.server_params(), "copy path vs zero-copy path")
     summary = copied.summary()
     assert summary["checksum"] == plain.summary()["checksum"]

@@ -59,13 +59,13 @@ def reference(workers: int, args: list[str]) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Cluster]:
-    """Every case once, plus a second run of one case for the determinism check."""
-    out = {}
-    for name, (workers, momentum) in [*CASES.items(), ("sgd-momentum-2-again", CASES["sgd-momentum-2"])]:
-        cluster = Cluster(tmp_path_factory.mktemp(name), workers=workers, args=case_args(momentum)).start()
-        codes = cluster.wait(timeout=150)
+    """Every case once, plus a second run of one case for the determinism check, all at once
+    (each waits on its own sockets much of the time; the numbers do not depend on timing)."""
+    out = {name: Cluster(tmp_path_factory.mktemp(name), workers=workers, args=case_args(momentum)).start()
+           for name, (workers, momentum) in [*CASES.items(), ("sgd-momentum-2-again", CASES["sgd-momentum-2"])]}
+    for name, cluster in out.items():
+        codes = cluster.wait(timeout=240)
         assert all(code == 0 for code in codes.values()), f"{name}: {codes}\n{cluster.logs()}"
-        out[name] = cluster
     return out
 
 

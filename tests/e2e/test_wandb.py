@@ -45,6 +45,7 @@ def test_every_process_is_one_run_of_one_group(runs):
         assert run.config["training"]["track_gradients"] is True
         assert run.config["dataset"]["name"] == "synthetic"
         assert run.config["cluster"]["num_workers"] == 2
+        assert run.config["device"].startswith("cpu (")  # what the process computes on
 
 
 def test_the_server_logs_one_row_per_step_with_every_metric(runs):
