@@ -312,6 +312,23 @@ class TrainingConfig:
     max_grad_norm: float = 0.0
     """Clip the averaged gradient to this L2 norm before each optimizer step, on the server and
     every worker alike (0: no clipping)."""
+    algorithm: Literal["sync", "local_sgd", "diloco"] = "sync"
+    """sync: average gradients every step. local_sgd (FedAvg): each worker takes local_steps
+    optimizer steps on its shard, then the server averages the workers' parameter changes
+    (weighted by samples) and every replica applies the average. diloco: the same, and the average
+    change is the gradient of an outer optimizer (SGD, outer_lr, Nesterov momentum outer_momentum)."""
+    local_steps: int = 8
+    """local_sgd, diloco: optimizer steps each worker takes between two exchanges (a round)."""
+    prox_mu: float = 0.0
+    """local_sgd, diloco: FedProx's proximal term, mu/2 * ||w - w_round_start||^2 added to each local
+    loss, keeping non-IID workers near the round's parameters (0: off)."""
+    prox_adaptive: bool = False
+    """prox_mu adapts (FedProx's heuristic): +0.1 after a round whose averaged loss rose, -0.1 after
+    5 rounds in a row whose loss fell (never below 0); every replica computes the same mu."""
+    outer_lr: float = 0.7
+    """diloco: the outer optimizer's learning rate (the paper's 0.7)."""
+    outer_momentum: float = 0.9
+    """diloco: the outer optimizer's Nesterov momentum (0: plain SGD)."""
     loss: str = "cross_entropy"
     """cross_entropy (mean over every target; a GPT's (batch, time) targets are flattened), or
     `package.module:callable` taking (logits, targets) and returning the mean loss as a scalar."""
@@ -325,8 +342,12 @@ class TrainingConfig:
         for name in ("batch_size", "num_epochs", "learning_rate"):
             _positive(name, getattr(self, name))
         for name in ("momentum", "weight_decay", "eval_steps", "threads", "max_steps", "warmup_steps", "max_grad_norm",
-                     "eval_samples"):
+                     "eval_samples", "prox_mu", "outer_momentum"):
             _positive(name, getattr(self, name), allow_zero=True)
+        _positive("local_steps", self.local_steps)
+        _positive("outer_lr", self.outer_lr)
+        if self.outer_momentum >= 1:
+            raise ConfigError(f"outer_momentum: expected 0 <= x < 1, got {self.outer_momentum!r}")
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -471,6 +492,18 @@ class DatasetConfig:
     """augment: largest shift, as a fraction of the width (height) either way."""
     augment_scale: float = 0.1
     """augment: largest change of size, as a fraction either way (0.1: 0.9x to 1.1x)."""
+    partition: Literal["iid", "dirichlet", "shards"] = "iid"
+    """How the training set is split over the workers: iid (each a random equal share), dirichlet
+    (each class split over the workers in proportions drawn from Dirichlet(alpha): non-IID), or
+    shards (sorted by label and dealt in labels_per_worker pieces each); rules in partition.py."""
+    alpha: float = 0.5
+    """dirichlet: concentration; 0.1 gives each worker mostly one or two classes, 100 is nearly IID."""
+    labels_per_worker: int = 2
+    """shards: pieces of the label-sorted data each worker gets (about that many classes each)."""
+    shares: list[float] | None = None
+    """iid: each worker's relative share of the data, in worker-id order (e.g. [2, 1, 1] for a
+    machine twice as fast); its batch (sync) or local steps (local modes) scale alike, so all
+    finish a step together (null: equal shares)."""
 
     options: dict[str, Any] = field(default_factory=dict)
     """The keyword arguments of an import-path dataset (its section's keys that are not listed here)."""
@@ -495,6 +528,14 @@ class DatasetConfig:
                 bounds = "0 < x < 1" if name == "test_fraction" else "0 <= x < 1"
                 raise ConfigError(f"{name}: expected a fraction {bounds}, got {value!r}")
         _positive("augment_degrees", self.augment_degrees, allow_zero=True)
+        _positive("alpha", self.alpha)
+        _positive("labels_per_worker", self.labels_per_worker)
+        if self.shares is not None:
+            if not self.shares or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0
+                                          and math.isfinite(w) for w in self.shares):
+                raise ConfigError(f"shares: expected a list of positive numbers, one per worker, got {_quote(self.shares)}")
+            if self.partition != "iid":
+                raise ConfigError(f"shares: sizes the shards of the iid partition; {self.partition} sizes its own")
         _positive("memory_mb", self.memory_mb, allow_zero=True)
         _positive("context", self.context)
         if self.label_column is not None:
@@ -595,7 +636,8 @@ class Config:
 
 FINGERPRINT_TRAINING = (
     "batch_size", "learning_rate", "lr_schedule", "warmup_steps", "optimizer", "momentum", "weight_decay",
-    "num_epochs", "max_steps", "max_grad_norm", "loss", "eval_samples",
+    "num_epochs", "max_steps", "max_grad_norm", "loss", "eval_samples", "algorithm", "local_steps", "prox_mu",
+    "prox_adaptive", "outer_lr", "outer_momentum",
 )
 
 FINGERPRINT_CLUSTER = ("seed", "num_workers", "compression", "int8_chunk", "bucket_mb")

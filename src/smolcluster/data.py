@@ -98,7 +98,7 @@ def _permutation(n: int, key: str) -> torch.Tensor:
     return torch.argsort(draws, stable=True)
 
 
-def _held(n: int, fraction: float) -> int:
+def held_out(n: int, fraction: float) -> int:
     return 0 if fraction <= 0 else max(1, round(n * fraction))
 
 
@@ -110,7 +110,7 @@ def _cut_off(n: int, count: int, key: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 def split_test(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(train, test) indices of a file of `n` samples without a test file; see the module docstring."""
-    count = _held(n, fraction)
+    count = held_out(n, fraction)
     if count >= n:
         raise DataError(f"cannot split {n} samples into training and test (test_fraction {fraction})")
     return _cut_off(n, count, f"smolcluster-test:{seed}")
@@ -118,7 +118,7 @@ def split_test(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.
 
 def holdout(shard: torch.Tensor, fraction: float, seed: int, worker_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(train, validation) dataset indices of worker `worker_id`'s shard: disjoint, together the shard."""
-    count = _held(len(shard), fraction)
+    count = held_out(len(shard), fraction)
     if count >= len(shard) > 0:
         raise DataError(f"validation_split {fraction} of a shard of {len(shard)} leaves nothing to train on")
     rest, held = _cut_off(len(shard), count, f"smolcluster-holdout:{seed}:{worker_id}")
@@ -142,7 +142,7 @@ def shard_size(n: int, num_workers: int) -> int:
 def train_shard_size(n: int, num_workers: int, validation_split: float = 0.0) -> int:
     """Samples each worker trains on: its shard less what `holdout` keeps for validation."""
     s = shard_size(n, num_workers)
-    return s - _held(s, validation_split)
+    return s - held_out(s, validation_split)
 
 
 def partition(n: int, num_workers: int, seed: int) -> list[torch.Tensor]:

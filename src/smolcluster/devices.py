@@ -137,9 +137,13 @@ def to_host(dst: torch.Tensor, src: torch.Tensor) -> None:
     import torch
 
     if src.device.type == "cuda":
-        dst.copy_(src, non_blocking=True)
+        # The stream of src's device as this thread sees it (the sender thread's current device
+        # may be another GPU): backward's kernels and this copy queue on it, in that order.
+        stream = torch.cuda.current_stream(src.device)
+        with torch.cuda.stream(stream):
+            dst.copy_(src, non_blocking=True)
         done = torch.cuda.Event()
-        done.record()
+        done.record(stream)
         done.synchronize()
     else:  # MPS's asynchronous copies to the CPU have returned stale data in some torch releases
         dst.copy_(src)

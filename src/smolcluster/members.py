@@ -65,8 +65,8 @@ class Membership:
             return wire.SKIP  # computed from parameters that were rolled back, or that drifted
         if header.step > self.step:
             raise ProtocolError(f"{peer.name}: gradient for step {header.step} while the server is at step {self.step}")
-        if not 0 < header.count <= self.cfg.training.batch_size:
-            raise ProtocolError(f"{peer.name}: gradient over {header.count} samples (batch_size {self.cfg.training.batch_size})")
+        if not 0 < header.count <= self.max_count:
+            raise ProtocolError(f"{peer.name}: gradient over {header.count} samples (at most {self.max_count})")
         return self.avg.target(peer.inbox, header, peer.name)
 
     def on_frame(self, peer: Peer, header: Header, payload: memoryview) -> None:

@@ -30,6 +30,7 @@ class Replica:
     model: nn.Module
     flat: FlatModel
     optimizer: torch.optim.Optimizer
+    """What applies the average: the training optimizer (sync), or the outer one (local modes)."""
     buckets: list[Bucket]
     fingerprint: dict[str, Any]
     """What must agree between server and workers: the config's fingerprint, the model's layout and
@@ -66,7 +67,7 @@ def build_replica(cfg: Config, model_factory: ModelFactory | None = None, meta: 
     from smolcluster.buckets import make_buckets
     from smolcluster.flat import FlatModel
     from smolcluster.models import build_model, layout
-    from smolcluster.train import build_optimizer, set_threads
+    from smolcluster.train import build_optimizer, build_outer, set_threads
 
     c, t = cfg.cluster, cfg.training
     set_threads(t.threads)
@@ -76,7 +77,7 @@ def build_replica(cfg: Config, model_factory: ModelFactory | None = None, meta: 
     else:
         model = build_model(cfg.model, c.seed, meta)
     flat = FlatModel(model, device)
-    optimizer = build_optimizer(model, t)
+    optimizer = build_optimizer(model, t) if t.algorithm == "sync" else build_outer(model, t)
     sizes = [p.numel() for p in model.parameters() if p.requires_grad]
     buckets = make_buckets(sizes, max(1, int(c.bucket_mb * 2**20) // 4), flat.nbuf)
     fingerprint = {**cfg.fingerprint(), "layout": layout(model)}

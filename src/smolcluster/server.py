@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import signal
 import time
@@ -32,6 +33,7 @@ from smolcluster.drift import Digest, digest
 from smolcluster.errors import ClusterError
 from smolcluster.faults import Fault
 from smolcluster.hub import Hub, Peer
+from smolcluster.partition import layout
 
 if TYPE_CHECKING:
     from smolcluster.api import Job
@@ -41,7 +43,7 @@ from smolcluster.results import Counters, headline, save_model, step_ms_stats, w
 from smolcluster.rollback import Snapshot, replica_finite
 from smolcluster.tracking import group_name, start_tracker
 from smolcluster.replica import usable_replica
-from smolcluster.train import learning_rate, make_loss, metrics, optimizer_step
+from smolcluster.train import apply_average, learning_rate, make_loss, metrics
 from smolcluster.wire import DType, MsgType
 
 
@@ -62,7 +64,7 @@ class Server(Membership):
             logger.warning(f"listening on {host} WITHOUT a cluster token (--insecure): anyone on the network can join")
         loaded = data.load_data(cfg.dataset, c.seed, job.data if job else None)
         self.meta, self.test = loaded.meta, data.eval_subset(loaded.test, t.eval_samples, c.seed)
-        n_train = len(loaded.train)
+        self.layout = layout(cfg, loaded.train, self.meta.task)
         del loaded  # the server trains on nothing: only the test set stays
         self.loss = job.loss if job and job.loss else make_loss(t)
         self.replica = usable_replica(cfg, job.model if job else None, self.meta, data.sample(self.test), self.loss)
@@ -71,9 +73,13 @@ class Server(Membership):
         self.devices = {"server": describe(self.replica.device)}
         """What each process computes on (the server's, then each worker's from its HELLO)."""
         logger.info(f"the server computes on {self.devices['server']}")
-        self.steps_per_epoch = data.steps_per_epoch(n_train, c.num_workers, t.batch_size, cfg.dataset.validation_split)
-        total = self.steps_per_epoch * t.num_epochs
-        self.total_steps = min(total, t.max_steps) if t.max_steps else total
+        # A step of the server is a round in the local modes: local_steps optimizer steps per worker.
+        self.per_round = per_round = 1 if t.algorithm == "sync" else t.local_steps
+        self.steps_per_epoch = self.layout.steps_per_epoch / per_round
+        total = self.layout.steps_per_epoch * t.num_epochs
+        self.total_steps = math.ceil((min(total, t.max_steps) if t.max_steps else total) / per_round)
+        self.max_count = max(b * h for b, h in zip(self.layout.batches, self.layout.local_steps))
+        """The most samples a worker's contribution to one step may stand for."""
         self.avg = Averager(self.flat, self.replica.buckets, c.compression, c.int8_chunk, c.outlier_factor)
         self.snapshot = Snapshot(self.flat, self.optimizer)
         self.resync_step = -1
@@ -108,6 +114,11 @@ class Server(Membership):
             where = ", ".join(f"{a}:{self.port}" for a in c.reachable_at())
             logger.info(f"host_ip is null: workers can reach this server at {where} "
                         "(start each with --set cluster.host_ip=ADDRESS)")
+
+    @property
+    def _unit(self) -> str:
+        t = self.cfg.training
+        return "steps" if t.algorithm == "sync" else f"rounds of {t.local_steps} local steps"
 
     def _queue_limit(self) -> int:
         """Bytes of unread frames a worker may have queued before it is dropped (server memory bound)."""
@@ -251,7 +262,7 @@ class Server(Membership):
             for peer in self.workers.values():
                 peer.writer.own()
         self.flat.land()  # the averages, to the GPU if the model is on one
-        optimizer_step(self.optimizer, t, self.step, self.total_steps)
+        apply_average(self.optimizer, t, self.step, self.total_steps)
         self.flat.count_steps(self.step + 1)
         self.healthy = healthy = self._check_replica()
         last = self.step == self.total_steps - 1
@@ -261,7 +272,7 @@ class Server(Membership):
         self.step_times.append(t3 - t0)
         metrics: dict[str, Any] = {
             "train/loss": self.flat.loss,
-            "train/lr": learning_rate(t, self.step, self.total_steps),
+            "train/lr": learning_rate(t, self.step * self.per_round, self.total_steps * self.per_round),
             "train/epoch": (self.step + 1) / self.steps_per_epoch,
             "time/step_s": t3 - t0, "time/wait_s": t1 - t0, "time/communicate_s": t2 - t1,
             "time/compute_s": t3 - t2,
@@ -303,7 +314,7 @@ class Server(Membership):
         try:
             self._wait_for_workers()
             logger.info(f"all {c.num_workers} workers joined; training {self.cfg.model.type} for "
-                        f"{self.total_steps - self.step} steps ({self.steps_per_epoch} per epoch)")
+                        f"{self.total_steps - self.step} {self._unit} ({self.steps_per_epoch:g} per epoch)")
             t_train = time.monotonic()
             start = self.step
             self.snapshot.take(start)
@@ -364,7 +375,7 @@ class Server(Membership):
 
     def _summary(self, final: dict[str, float], wall_s: float, train_s: float, steps_run: int) -> dict[str, Any]:
         t = self.cfg.training
-        samples = steps_run * t.batch_size * self.cfg.cluster.num_workers
+        samples = steps_run * sum(b * h for b, h in zip(self.layout.batches, self.layout.local_steps))
         return {
             **{k: v for k, v in final.items() if k.startswith("test_")},
             "task": self.meta.task,

@@ -22,23 +22,37 @@ if TYPE_CHECKING:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainingConfig) -> torch.optim.Optimizer:
-    """The configured optimizer, with torch's fused kernel (3-4x faster on CPU than the per-tensor
-    loop; the same bits on every replica of one machine type), or the per-tensor loop without it."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    """The configured optimizer (in the local modes: each worker's own, between exchanges)."""
     cls: type[torch.optim.Optimizer]
     if cfg.optimizer == "sgd":
         cls, kwargs = torch.optim.SGD, {"momentum": cfg.momentum}
     else:
         cls, kwargs = (torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW), {}
-    kwargs.update(lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    return _fused(cls, model, cfg.optimizer, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, **kwargs)
+
+
+def build_outer(model: nn.Module, cfg: TrainingConfig) -> torch.optim.Optimizer:
+    """What applies the averaged parameter change in the local modes, on every replica alike:
+    plain SGD at lr 1 (local_sgd: the average change itself), or DiLoCo's outer SGD with Nesterov
+    momentum, whose "gradient" is the average change."""
+    if cfg.algorithm == "local_sgd":
+        return _fused(torch.optim.SGD, model, "sgd", lr=1.0)
+    m = cfg.outer_momentum
+    return _fused(torch.optim.SGD, model, "sgd", lr=cfg.outer_lr, momentum=m, nesterov=m > 0)
+
+
+def _fused(cls: type[torch.optim.Optimizer], model: nn.Module, name: str, **kwargs: object) -> torch.optim.Optimizer:
+    """`cls` with torch's fused kernel (3-4x faster on CPU than the per-tensor loop; the same bits
+    on every replica of one machine type), or the per-tensor loop where the device has none."""
+    params = [p for p in model.parameters() if p.requires_grad]
     try:
         return cls(params, fused=True, **kwargs)
     except (RuntimeError, TypeError, ValueError):  # an old torch, or a device without fused kernels
         from smolcluster.devices import once
 
         where = params[0].device.type if params else "cpu"
-        once(f"fused-{cfg.optimizer}", f"this torch has no fused {cfg.optimizer} kernel on {where}: "
-                                       "using the per-tensor loop (the same numbers, slower)")
+        once(f"fused-{name}", f"this torch has no fused {name} kernel on {where}: "
+                              "using the per-tensor loop (the same numbers, slower)")
         return cls(params, foreach=False, **kwargs)
 
 
@@ -64,6 +78,15 @@ def optimizer_step(optimizer: torch.optim.Optimizer, cfg: TrainingConfig, step: 
         params = [p for group in optimizer.param_groups for p in group["params"]]
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm, foreach=True)
     optimizer.step()
+
+
+def apply_average(optimizer: torch.optim.Optimizer, cfg: TrainingConfig, step: int, total_steps: int) -> None:
+    """Apply what the server averaged (server and workers alike): the gradient, with this step's
+    learning rate (sync); or the round's parameter change, with the outer optimizer (local modes)."""
+    if cfg.algorithm == "sync":
+        optimizer_step(optimizer, cfg, step, total_steps)
+    else:
+        optimizer.step()
 
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

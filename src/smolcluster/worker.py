@@ -7,6 +7,7 @@ connection to the server is a `Link` (link.py); joining is `handshake.join`.
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
@@ -23,13 +24,15 @@ from smolcluster.errors import CheckpointError, ConfigError, ServerLost, WorkerE
 from smolcluster.exchange import GradExchange
 from smolcluster.faults import Fault, inject, perturb
 from smolcluster.link import Link
+from smolcluster.local import LocalSteps
+from smolcluster.partition import histogram, labels_of, layout
 from smolcluster.progress import Progress
 from smolcluster.replica import usable_replica
 from smolcluster.results import headline, save_model
 from smolcluster.tracking import NullTracker, Tracker, start_tracker
 from smolcluster.augment import augment_batch
 from smolcluster.prefetch import batches
-from smolcluster.train import make_loss, metrics, optimizer_step
+from smolcluster.train import apply_average, make_loss, metrics
 from smolcluster.wire import DType, Header, MsgType, ProtocolError
 
 if TYPE_CHECKING:
@@ -60,19 +63,24 @@ class Worker:
         self.save_params = save_params
         loaded = data.load_data(cfg.dataset, c.seed, job.data if job else None)
         self.meta = loaded.meta
-        n_train = len(loaded.train)
-        shard = data.partition(n_train, c.num_workers, c.seed)[worker_id - 1]
+        plan = layout(cfg, loaded.train, self.meta.task)
+        shard = plan.shards[worker_id - 1]
         mine, held = data.holdout(shard, cfg.dataset.validation_split, c.seed, worker_id)
         self.train = data.take(loaded.train, mine)
         self.val = data.eval_subset(data.take(loaded.train, held), t.eval_samples, c.seed) if len(held) else None
         del loaded  # only this worker's shard stays in memory
-        self.steps_per_epoch = data.steps_per_epoch(n_train, c.num_workers, t.batch_size, cfg.dataset.validation_split)
+        self.batch_size, self.local_steps = plan.batches[worker_id - 1], plan.local_steps[worker_id - 1]
+        self.steps_per_epoch = math.ceil(len(self.train) / self.batch_size)
+        """Batches in one pass over this worker's own training samples."""
+        self._log_shard(cfg.dataset.partition)
         self.loss = job.loss if job and job.loss else make_loss(t)
         self.replica = usable_replica(cfg, job.model if job else None, self.meta, data.sample(self.train), self.loss)
         self.device = self.replica.device
         logger.info(f"worker {worker_id} computes on {describe(self.device)}")
         self.model, self.flat, self.optimizer = self.replica.model, self.replica.flat, self.replica.optimizer
         self.buckets = self.replica.buckets
+        self.rounds = LocalSteps(self.flat, t) if t.algorithm != "sync" else None
+        """The local modes' inner optimizer and round state (None: sync)."""
         self.address = (c.server_address(host), c.port)
         self.peer = f"server {self.address[0]}:{self.address[1]}"
         self.state_limit = self.replica.state_limit
@@ -83,6 +91,17 @@ class Worker:
         self._batches: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._next = (-1, -1)
         """(epoch, position) of the batch `_batches` yields next."""
+
+    def _log_shard(self, rule: str) -> None:
+        """What this worker trains on: how many samples, and (classes) how many of each label."""
+        t = self.cfg.training
+        what = f"worker {self.id}'s shard ({rule}): {len(self.train)} training samples, batch {self.batch_size}"
+        if t.algorithm != "sync":
+            what += f", {self.local_steps} local steps per round"
+        cheap = any(hasattr(self.train, a) for a in ("y", "targets")) or rule != "iid"
+        if self.meta.task == "classify" and cheap and len(self.train):
+            what += f"; labels {histogram(labels_of(self.train), self.meta.classes)}"
+        logger.info(what)
 
     # --- I/O ------------------------------------------------------------------------------------
 
@@ -185,7 +204,9 @@ class Worker:
             logger.info(f"joined the {self.peer} as worker {self.id}: shard of {len(self.train)} samples, "
                         f"{total} steps; waiting for the parameters")
             self.link.start_heartbeats(c.heartbeat_s)
-            self.exchange = GradExchange(self.flat, self.buckets, c.compression, c.int8_chunk, c.overlap,
+            # Local steps run backward many times a round: nothing to overlap, and no hooks wanted.
+            overlap = c.overlap and self.rounds is None
+            self.exchange = GradExchange(self.flat, self.buckets, c.compression, c.int8_chunk, overlap,
                                          self.id, self.link.send_frames, self.peer)
             start = self._sync()
             self._lost_at = None
@@ -240,7 +261,7 @@ class Worker:
         epoch, at = divmod(step, self.steps_per_epoch)
         if self._batches is None or self._next != (epoch, at):
             self._close_batches()
-            order = data.epoch_order(len(self.train), c.seed, epoch, self.id).split(t.batch_size)
+            order = data.epoch_order(len(self.train), c.seed, epoch, self.id).split(self.batch_size)
             self._batches = batches(self.train, order[at:])
         x, y = next(self._batches)
         self._next = (epoch, at + 1)  # past the epoch's last batch: the next epoch starts a new order
@@ -253,21 +274,48 @@ class Worker:
                 close()
         self._batches, self._next = None, (-1, -1)
 
-    def _step(self, step: int, total: int) -> None:
-        c, t = self.cfg.cluster, self.cfg.training
-        x, y = self._batch(step)
+    def _forward(self, index: int) -> tuple[torch.Tensor, int]:
+        """Forward on this worker's batch number `index` (of its own passes over its shard)."""
+        x, y = self._batch(index)
         x, y = batch_to(x, self.device), batch_to(y, self.device)
         # Dropout's masks: this worker's own (not every worker's the same), and the same in a rerun.
-        torch.manual_seed((c.seed * 1_000_003 + self.id * 10_007 + step) % 2**63)
-        t0 = time.monotonic()
+        torch.manual_seed((self.cfg.cluster.seed * 1_000_003 + self.id * 10_007 + index) % 2**63)
         self.flat.zero_grad()
-        loss = self.loss(self.model(x), y)
-        self.flat.loss = loss.item()
-        loss = self._inject(step, loss)
+        return self.loss(self.model(x), y), len(y)
+
+    def _round(self, r: int, total: int) -> tuple[float, int]:
+        """The local modes: local_steps steps on our own, then the round's change is what we send.
+        Returns our mean loss over the round and the samples it trained on."""
+        assert self.rounds is not None
+        t, h = self.cfg.training, self.local_steps
+        self.rounds.begin()
+        loss_sum, samples = 0.0, 0
+        for j in range(h):
+            loss, n = self._forward(r * h + j)
+            if j == 0:
+                loss = self._inject(r, loss)
+            loss_sum += float(loss) * n
+            samples += n
+            # The learning-rate schedule runs over local steps; a worker with more of them (shares) spreads its own.
+            self.rounds.step(loss, r * t.local_steps + (j * t.local_steps) // h, total * t.local_steps)
+        self.rounds.end()
+        self.flat.loss = loss_sum / samples
+        return self.flat.loss, samples
+
+    def _step(self, step: int, total: int) -> None:
+        c, t = self.cfg.cluster, self.cfg.training
         assert self.exchange is not None
-        own_loss = self.flat.loss
-        self.exchange.begin(step, len(y))
-        loss.backward()
+        t0 = time.monotonic()
+        if self.rounds is None:
+            loss, count = self._forward(step)
+            self.flat.loss = loss.item()
+            loss = self._inject(step, loss)
+            own_loss = self.flat.loss
+            self.exchange.begin(step, count)
+            loss.backward()
+        else:
+            own_loss, count = self._round(step, total)
+            self.exchange.begin(step, count)
         self.exchange.finish_backward()
         t1 = time.monotonic()
         while True:
@@ -276,8 +324,10 @@ class Worker:
                 break
         t2 = time.monotonic()
         self.flat.land()  # the averages, to the GPU if the model is on one
-        optimizer_step(self.optimizer, t, step, total)
+        apply_average(self.optimizer, t, step, total)
         self.flat.count_steps(step + 1)
+        if self.rounds is not None:
+            self.rounds.adapt(self.flat.loss)
         if step in self.perturb:  # an injected fault: this replica drifts from the others
             perturb(self.flat, self.perturb.pop(step), c.seed + self.id)
         if step == total - 1 or (c.checksum_steps and (step + 1) % c.checksum_steps == 0):
