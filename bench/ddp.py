@@ -2,9 +2,11 @@
 
 Left at PyTorch's defaults on purpose (25 MB buckets, gradient allreduce overlapped with
 backward, gloo's ring allreduce), one torch thread per process like every other row. Rank r
-trains on smolcluster worker r+1's shard with the same batches, model and optimizer.
+trains on smolcluster worker r+1's shard with the same batches, model and optimizer. With
+`device="cuda"` (bench/gpu.py) the ranks keep model and batches on the GPU and gloo reduces the
+CUDA tensors.
 
-    python -m bench.ddp --rank R --port P --steps S --out FILE --set KEY=VALUE ...   # internal: one rank
+    python -m bench.ddp --rank R --port P --steps S --out FILE [--device cuda] --set KEY=VALUE ...   # internal
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ def ring_bytes_per_rank(grad_bytes: int, workers: int) -> int:
     return 2 * (workers - 1) * grad_bytes // workers
 
 
-def rank_main(rank: int, master: str, port: int, steps: int, out: Path, overrides: list[str]) -> None:
+def rank_main(rank: int, master: str, port: int, steps: int, out: Path, overrides: list[str],
+              device: str = "cpu") -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
@@ -34,13 +37,13 @@ def rank_main(rank: int, master: str, port: int, steps: int, out: Path, override
     watch_parent()
     cfg = load(overrides)
     world = cfg.cluster.num_workers
-    model, optimizer = model_and_optimizer(cfg)
-    batches = Shard(cfg, rank + 1, world).batches(steps)
+    model, optimizer = model_and_optimizer(cfg, device)
+    batches = Shard(cfg, rank + 1, world).batches(steps, device)
     dist.init_process_group("gloo", init_method=f"tcp://{master}:{port}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=120))
     ddp = DistributedDataParallel(model)
     dist.barrier()
-    timer = StepTimer()
+    timer = StepTimer(device)
     for step, (x, y) in enumerate(batches):
         train_step(ddp, optimizer, cfg, x, y, step, steps)
         timer.tick()
@@ -51,13 +54,14 @@ def rank_main(rank: int, master: str, port: int, steps: int, out: Path, override
 
 
 def run(group: Group, overrides: list[str], workers: int, steps: int, timeout_s: float,
-        hosts: Hosts = LOOPBACK) -> list[float]:
-    """Start `workers` ranks (rank r on host r), wait for them; returns rank 0's seconds per step."""
+        hosts: Hosts = LOOPBACK, device: str = "cpu") -> list[float]:
+    """Start `workers` ranks (rank r on host r, all computing on `device`), wait for them; returns
+    rank 0's seconds per step."""
     from smolcluster.runner import free_port
 
     out = group.logs / "ddp-times.json"
     args = ["--master", hosts.address(0), "--port", str(free_port()), "--steps", str(steps), "--out", str(out),
-            *set_flags(overrides)]
+            "--device", device, *set_flags(overrides)]
     names = []
     for rank in range(workers):
         names.append(f"ddp-rank{rank}")
@@ -74,6 +78,7 @@ if __name__ == "__main__":
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--steps", type=int, required=True)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--device", default="cpu", help="where the model and batches live: cpu or cuda[:N]")
     p.add_argument("--set", action="append", default=[], dest="overrides")
     a = p.parse_args()
-    rank_main(a.rank, a.master, a.port, a.steps, a.out, a.overrides)
+    rank_main(a.rank, a.master, a.port, a.steps, a.out, a.overrides, a.device)

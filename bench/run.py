@@ -66,7 +66,7 @@ class Plan:
         return [*MODELS[model], f"cluster.num_workers={workers}", f"training.batch_size={batch}",
                 f"training.max_steps={steps}", "training.num_epochs=1000", "training.threads=1",
                 "training.eval_steps=0", f"dataset.name={self.dataset}", "dataset.test_size=256",
-                "wandb.mode=disabled"]
+                "wandb.mode=disabled", "training.device=cpu"]  # CPU rows everywhere (bench/gpu.py: GPUs)
 
 
 @dataclass

@@ -28,9 +28,12 @@ def frame_bytes(params: int, elem_bytes: float) -> int:
 
 
 def run(group: Group, overrides: list[str], workers: int, timeout_s: float,
-        link: LinkSpec | None = None, hosts: Hosts = LOOPBACK) -> dict[str, Any]:
+        link: LinkSpec | None = None, hosts: Hosts = LOOPBACK, server_set: tuple[str, ...] = (),
+        worker_set: tuple[str, ...] = ()) -> dict[str, Any]:
     """One cluster run to `training.max_steps` (server on host 0, worker k on host k); returns the
-    server's summary.json. With `link`, the workers reach the server through a `bench.proxy`."""
+    server's summary.json. With `link`, the workers reach the server through a `bench.proxy`.
+    `server_set` / `worker_set`: overrides for the server or the workers alone, keys outside the
+    config's fingerprint (`training.device=cuda`, say)."""
     from smolcluster.runner import free_port
 
     out = group.logs / "smolcluster-out"
@@ -39,13 +42,13 @@ def run(group: Group, overrides: list[str], workers: int, timeout_s: float,
     # A cluster token, as a user would set: a server bound to a non-loopback address (netns) needs one.
     env = child_env(**{TOKEN_ENV: secrets.token_hex(16)})
     group.spawn("smol-server", [*hosts.prefix(0), *python("-m", "smolcluster", "server", *set_flags(
-        [*common, f"cluster.bind={server_ip}", f"cluster.port={port}"]))], env=env)
+        [*common, *server_set, f"cluster.bind={server_ip}", f"cluster.port={port}"]))], env=env)
     worker_port = proxy.start(group, port, link) if link is not None else port
     names = ["smol-server"]
     for k in range(1, workers + 1):
         names.append(f"smol-worker{k}")
         group.spawn(names[-1], [*hosts.prefix(k), *python("-m", "smolcluster", "worker", "--id", str(k), *set_flags(
-            [*common, f"cluster.port={worker_port}"]))], env=env)
+            [*common, *worker_set, f"cluster.port={worker_port}"]))], env=env)
     group.wait(names, timeout_s)
     summary = Path(out) / "summary.json"
     if not summary.exists():

@@ -134,3 +134,30 @@ def test_quick_benchmark_writes_the_expected_json(tmp_path):
     assert smol["bytes"]["total"] == 2 * 2 * (36 + 4 * (101_770 + 1) + 8)  # 2 workers x GRAD + AVG frames
     assert smol["wire_ms"] > 0 and smol["comm_ms"] is not None
     assert "| smolcluster fp32 |" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.timeout(120)
+def test_gpu_benchmark_rows_on_the_cpu(tmp_path):
+    """bench/gpu.py end to end with `--device cpu` (there only for this): 3 steps of the 7.9M MLP on a
+    small synthetic set; the single, smolcluster and DDP rows and the copy share. Without a GPU and
+    without that flag it measures nothing and exits 2."""
+    no_gpu = subprocess.run([sys.executable, "-m", "bench.gpu", "--models", "mlp", "--out", str(tmp_path / "x.json")],
+                            cwd=REPO, env=env(CUDA_VISIBLE_DEVICES=""), capture_output=True, text=True, timeout=60)
+    assert no_gpu.returncode == 2 and "needs a CUDA GPU" in no_gpu.stderr, no_gpu.stderr[-3000:]
+    assert not (tmp_path / "x.json").exists()
+    out = tmp_path / "gpu.json"
+    cmd = [sys.executable, "-m", "bench.gpu", "--device", "cpu", "--quick", "--models", "mlp", "--steps", "3",
+           "--set", "dataset.name=synthetic", "--set", "dataset.train_size=256", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=100)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["meta"]["device"] == "cpu" and result["meta"]["gpu"] is None
+    assert {"torch", "cpu", "uptime_before", "uptime_after"} <= result["meta"].keys()
+    rows = {r["system"]: r for r in result["rows"]}
+    assert set(rows) == {"single-cpu", "smolcluster-cpu", "ddp-gloo-cpu"}
+    for row in rows.values():
+        assert row["runs"] and not row["errors"], row
+        assert row["step_ms"]["median"] > 0 and row["samples_per_s"] > 0 and row["ratio_to_single"] > 0
+    copy = rows["smolcluster-cpu"]["copy"]
+    assert copy["copy_ms"] > 0 and 0 < copy["copy_share_pct"] < 100, copy
+    assert "| smolcluster-cpu |" in out.with_suffix(".md").read_text()

@@ -217,8 +217,10 @@ def _run(args: argparse.Namespace, cfg: Config, passthrough: list[str], job: Job
         from smolcluster.results import headline
 
         summary = json.loads(summary_path.read_text())
+        t = cfg.training
+        unit = "steps" if t.algorithm == "sync" else f"rounds of {t.local_steps} local steps"
         print(
-            f"{headline(summary)} ({summary['steps']} steps, "
+            f"{headline(summary)} ({summary['steps']} {unit}, "
             f"{summary['workers']} workers, {summary['wall_s']:.1f} s); "
             f"model and summary in {summary_path.parent}/",
             flush=True,
