@@ -100,9 +100,17 @@ class Server(Membership):
         self.step_late = 0
         self.step_times: list[float] = []
         self.evals: list[dict[str, float]] = []
+        self.t_train = time.monotonic()
+        self.eval_s = 0.0
+        self.bytes_moved = 0
+        """Gradient (or change) and average bytes through the server's port so far, frames whole."""
+        """Seconds spent evaluating: left out of the evaluations' training time."""
         self.wandb_group = group_name(cfg)  # told to every worker, so all runs land in one W&B group
+        Path(t.out_dir).mkdir(parents=True, exist_ok=True)
         if resume:
             self._resume()
+        else:
+            (Path(t.out_dir) / "evals.jsonl").unlink(missing_ok=True)
         fds = raise_fd_limit()  # before the hub: its caps on unauthenticated connections derive from it
         self.hub = Hub(host, c.port, self, heartbeat_s=c.heartbeat_s, silence_s=c.worker_timeout,
                        handshake_s=c.handshake_timeout, tls=handshake.server_tls(c), max_queue=self._queue_limit())
@@ -234,11 +242,18 @@ class Server(Membership):
         self._send_replica([p for p in self.workers.values() if p.synced], self.resync_step)
 
     def _evaluate(self) -> dict[str, float]:
-        """The test metrics that fit the task: loss and accuracy, or loss and bits per character."""
+        """The test metrics that fit the task: loss and accuracy, or loss and bits per character;
+        with the training time so far (evaluations left out) and the bytes moved, also appended
+        to out_dir/evals.jsonl as they come (time to accuracy, read while the run goes on)."""
+        t0 = time.monotonic()
         measured = metrics(self.model, self.test, self.meta.task, self.loss)
         result = {"step": self.step + 1, "epoch": round((self.step + 1) / self.steps_per_epoch, 3),
-                  **{f"test_{k}": v for k, v in measured.items()}}
+                  **{f"test_{k}": v for k, v in measured.items()},
+                  "time_s": round(t0 - self.t_train - self.eval_s, 3), "bytes": self.bytes_moved}
+        self.eval_s += time.monotonic() - t0
         self.evals.append(result)
+        with open(Path(self.cfg.training.out_dir) / "evals.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(result) + "\n")
         logger.info(f"step {self.step + 1}/{self.total_steps}: {headline(result, loss=True)}")
         return result
 
@@ -258,6 +273,7 @@ class Server(Membership):
         arrived = self._collect()
         t2 = time.monotonic()
         t1 = t2 - self.comm_s  # averaging and sending happen inside the wait, bucket by bucket
+        self.bytes_moved += self.avg.bytes_in + self.avg.bytes_out
         if t.max_grad_norm:  # clipping rewrites the gradient buffer that queued AVG frames still point into
             for peer in self.workers.values():
                 peer.writer.own()
@@ -315,7 +331,7 @@ class Server(Membership):
             self._wait_for_workers()
             logger.info(f"all {c.num_workers} workers joined; training {self.cfg.model.type} for "
                         f"{self.total_steps - self.step} {self._unit} ({self.steps_per_epoch:g} per epoch)")
-            t_train = time.monotonic()
+            t_train = self.t_train = time.monotonic()
             start = self.step
             self.snapshot.take(start)
             bar = Progress(self.total_steps, "server", initial=start)
@@ -386,6 +402,7 @@ class Server(Membership):
             "train_s": round(train_s, 3),
             "samples_per_s": round(samples / max(train_s, 1e-9), 1),
             "step_ms": step_ms_stats(self.step_times),
+            "bytes_moved": self.bytes_moved,
             "late_gradients": self.counters.late,
             "nonfinite_gradients": self.counters.nonfinite,
             "outlier_gradients": self.counters.outliers,
