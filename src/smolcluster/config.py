@@ -325,6 +325,11 @@ class TrainingConfig:
     prox_adaptive: bool = False
     """prox_mu adapts (FedProx's heuristic): +0.1 after a round whose averaged loss rose, -0.1 after
     5 rounds in a row whose loss fell (never below 0); every replica computes the same mu."""
+    balance: bool = False
+    """Uneven machines: each worker measures its compute time per sample over the first steps (or
+    rounds), and the server then sizes every worker's batch (sync) or local steps (local modes) to
+    its speed, so all finish a step together (the average stays weighted by samples). Measured
+    timings differ between runs, so balanced runs are not bit-identical reruns."""
     outer_lr: float = 0.7
     """diloco: the outer optimizer's learning rate (the paper's 0.7)."""
     outer_momentum: float = 0.9
@@ -637,7 +642,7 @@ class Config:
 FINGERPRINT_TRAINING = (
     "batch_size", "learning_rate", "lr_schedule", "warmup_steps", "optimizer", "momentum", "weight_decay",
     "num_epochs", "max_steps", "max_grad_norm", "loss", "eval_samples", "algorithm", "local_steps", "prox_mu",
-    "prox_adaptive", "outer_lr", "outer_momentum",
+    "prox_adaptive", "outer_lr", "outer_momentum", "balance",
 )
 
 FINGERPRINT_CLUSTER = ("seed", "num_workers", "compression", "int8_chunk", "bucket_mb")

@@ -6,7 +6,8 @@ connection); `garbage` (send random bytes instead of a frame); `nan` (send a NaN
 `scale:FACTOR` (multiply the step's gradient by FACTOR, e.g. 1e19: finite but absurd, as a bug
 or an fp16 overflow would make it); `perturb:SCALE` (after the step's update, add noise of SCALE
 times the parameters' RMS to this replica: the drift a device that rounds differently causes,
-larger).
+larger); `slow:SECONDS` (from that step on, every batch takes SECONDS per sample longer: a slower
+machine).
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ if TYPE_CHECKING:
     from smolcluster.flat import FlatModel
     from smolcluster.link import Link
 
-Kind = Literal["sleep", "exit", "kill", "disconnect", "garbage", "nan", "scale", "perturb"]
+Kind = Literal["sleep", "exit", "kill", "disconnect", "garbage", "nan", "scale", "perturb", "slow"]
 NEEDS_ARG = {"sleep": "seconds, e.g. 5:sleep:3", "scale": "a factor, e.g. 5:scale:1e19",
-             "perturb": "a relative size, e.g. 5:perturb:1e-3"}
+             "perturb": "a relative size, e.g. 5:perturb:1e-3", "slow": "seconds per sample, e.g. 0:slow:0.001"}
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,7 @@ from loguru import logger
 
 from smolcluster import handshake, wire
 from smolcluster.checkpoint import encode_state
+from smolcluster.balance import BALANCE_STEPS, parse_stats, plan
 from smolcluster.drift import CHUNKS, Digest, digest, parse_sketch, relative_drift
 from smolcluster.errors import ClusterError
 from smolcluster.hub import Peer
@@ -57,7 +58,8 @@ class Membership:
 
     def target(self, peer: Peer, header: Header) -> memoryview | None:
         """Where a frame's payload goes; decided from the header, before any payload byte is read."""
-        if header.type in (MsgType.HELLO, MsgType.CHECKSUM, MsgType.ERROR, MsgType.BYE, MsgType.HEARTBEAT):
+        if header.type in (MsgType.HELLO, MsgType.CHECKSUM, MsgType.STATS, MsgType.ERROR, MsgType.BYE,
+                           MsgType.HEARTBEAT):
             return None
         if header.type != MsgType.GRAD or not peer.synced:
             raise ProtocolError(f"{peer.name}: a worker may not send {header.type.name} now")
@@ -78,6 +80,8 @@ class Membership:
             self._on_grad(peer, header)
         elif header.type == MsgType.CHECKSUM:
             self._on_checksum(peer, header, wire.decode_json(payload, header, peer.name))
+        elif header.type == MsgType.STATS:
+            self._on_stats(peer, wire.decode_json(payload, header, peer.name))
         elif header.type == MsgType.BYE:
             self.hub.drop(peer, "said goodbye")
         elif header.type == MsgType.ERROR:
@@ -107,7 +111,8 @@ class Membership:
         logger.info(f"worker {wid} {'rejoined' if self.started else 'joined'} from {peer.addr} "
                     f"({ok.host}, {ok.device}); {len(self.workers)}/{n} workers")
         self.hub.send(peer, handshake.welcome(ok, self.token, peer.nonce, total_steps=self.total_steps,
-                                              steps_per_epoch=self.steps_per_epoch, wandb_group=self.wandb_group))
+                                              steps_per_epoch=self.steps_per_epoch, wandb_group=self.wandb_group,
+                                              plan=self.plans.get(wid)))
 
     def _on_grad(self, peer: Peer, header: Header) -> None:
         self._progressed(peer.worker_id)  # late or not, it is working
@@ -138,6 +143,33 @@ class Membership:
             if idle > c.worker_timeout and behind >= 2:
                 self.hub.drop(peer, f"delivered no gradient for {idle:.0f} s while the others went on "
                                     f"{behind - 1} steps (worker_timeout={c.worker_timeout:g})")
+
+    def _on_stats(self, peer: Peer, body: dict[str, Any]) -> None:
+        """A worker's measured speed (training.balance), used once at the next step boundary."""
+        value = parse_stats(body)
+        if value is None:
+            raise ProtocolError(f"{peer.name}: STATS without a sane s_per_sample")
+        self.speeds[peer.worker_id] = value
+
+    def _balance(self) -> None:
+        """training.balance: once every worker measured itself (or long enough after the first
+        did), size each one's work to its speed from the next step on (balance.py)."""
+        c, t = self.cfg.cluster, self.cfg.training
+        if not t.balance or self.plans or not self.speeds:
+            return
+        live = [p for p in self.workers.values() if p.synced]
+        if any(p.worker_id not in self.speeds for p in live) and self.step - self.start_step < 3 * BALANCE_STEPS:
+            return
+        sizes = plan(self.speeds, c.num_workers, t.batch_size, t.local_steps, t.algorithm == "sync")
+        for k, (b, h) in sizes.items():
+            self.plans[k] = {"step": self.step + 1, "batch": b, "local_steps": h}
+        self.max_count = max(self.max_count, *(b * h for b, h in sizes.values()))
+        for peer in live:
+            self.hub.send(peer, wire.frame(MsgType.PLAN, self.plans[peer.worker_id], step=self.step + 1))
+        sync = t.algorithm == "sync"
+        parts = [f"worker {k} ({f'{self.speeds[k] * 1e3:.3g} ms/sample' if k in self.speeds else 'unmeasured'}): "
+                 f"{f'batch {b}' if sync else f'{h} local steps'}" for k, (b, h) in sorted(sizes.items())]
+        logger.info(f"balance from step {self.step + 1}: " + "; ".join(parts))
 
     def _on_checksum(self, peer: Peer, header: Header, body: dict[str, Any]) -> None:
         """A worker's replica after step `header.step`, against ours: equal; drifted but within

@@ -93,6 +93,11 @@ class Server(Membership):
         self.healthy = True
         self.started = False
         self.workers: dict[int, Peer] = {}
+        self.speeds: dict[int, float] = {}
+        """training.balance: each worker's measured compute seconds per sample."""
+        self.plans: dict[int, dict[str, int]] = {}
+        """training.balance: each worker's batch and local steps, and the step they hold from."""
+        self.start_step = 0
         self.checksums: dict[int, Digest] = {}
         """The server's replica after each checksummed step, to compare the workers' with."""
         self.final_acks: set[int] = set()
@@ -267,6 +272,7 @@ class Server(Membership):
                 if peer.synced and not peer.drift:
                     peer.drift = f"periodic resync (cluster.resync_steps={c.resync_steps})"
         self._resync_drifted(self.step)
+        self._balance()
         self.started = True  # from the first step's collect on, a drop costs steps and a HELLO is a rejoin
         t0 = time.monotonic()
         self.comm_s = 0.0
@@ -332,7 +338,7 @@ class Server(Membership):
             logger.info(f"all {c.num_workers} workers joined; training {self.cfg.model.type} for "
                         f"{self.total_steps - self.step} {self._unit} ({self.steps_per_epoch:g} per epoch)")
             t_train = self.t_train = time.monotonic()
-            start = self.step
+            start = self.start_step = self.step
             self.snapshot.take(start)
             bar = Progress(self.total_steps, "server", initial=start)
             resync = False
@@ -415,6 +421,8 @@ class Server(Membership):
             "drift_resyncs": self.counters.drift_resyncs,
             "periodic_resyncs": self.counters.periodic_resyncs,
             "devices": self.devices,
+            **({"balance": {"s_per_sample": {str(k): v for k, v in self.speeds.items()},
+                            "plans": {str(k): v for k, v in self.plans.items()}}} if t.balance else {}),
             "replicas_verified": sorted(self.final_acks),
             "evals": self.evals,
             "checksum": self.flat.checksum(),

@@ -72,6 +72,8 @@ class MsgType(enum.IntEnum):
     CHALLENGE = 12  # server -> worker, JSON: nonce for the token proof
     # 13 was AUTH (the proof now rides in HELLO); the number stays unused
     STATE = 14  # server -> worker, tensor: optimizer state for a rejoining worker
+    STATS = 15  # worker -> server, JSON: its measured compute seconds per sample (training.balance)
+    PLAN = 16  # server -> worker, JSON: its batch and local steps from `step` on (training.balance)
 
 
 class DType(enum.IntEnum):
@@ -85,7 +87,7 @@ class DType(enum.IntEnum):
 
 JSON_TYPES = frozenset(
     {MsgType.HELLO, MsgType.WELCOME, MsgType.REJECT, MsgType.CHECKSUM, MsgType.DONE, MsgType.ERROR,
-     MsgType.CHALLENGE}
+     MsgType.CHALLENGE, MsgType.STATS, MsgType.PLAN}
 )
 EMPTY_TYPES = frozenset({MsgType.BYE, MsgType.HEARTBEAT})
 TENSOR_DTYPES = frozenset({DType.F32, DType.BF16, DType.F16, DType.I8})

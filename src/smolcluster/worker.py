@@ -7,7 +7,7 @@ connection to the server is a `Link` (link.py); joining is `handshake.join`.
 
 from __future__ import annotations
 
-import math
+import statistics
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
@@ -28,6 +28,8 @@ from smolcluster.local import LocalSteps
 from smolcluster.partition import histogram, labels_of, layout
 from smolcluster.progress import Progress
 from smolcluster.replica import usable_replica
+from smolcluster.balance import BALANCE_STEPS, MAX_SCALE
+from smolcluster.schedule import Schedule
 from smolcluster.results import headline, save_model
 from smolcluster.tracking import NullTracker, Tracker, start_tracker
 from smolcluster.augment import augment_batch
@@ -57,7 +59,7 @@ class Worker:
             raise ConfigError(f"--id {worker_id}: expected 1..{c.num_workers} (cluster num_workers)")
         self.cfg, self.id = cfg, worker_id
         self.token = auth.load_token(c.token_file)
-        self.faults = {f.step: f for f in faults or [] if f.kind != "perturb"}
+        self.faults = {f.step: f for f in faults or [] if f.kind not in ("perturb", "slow")}
         self.perturb = {f.step: f.arg for f in faults or [] if f.kind == "perturb"}
         """Steps after which this replica's parameters are nudged by a relative amount (a fault)."""
         self.save_params = save_params
@@ -69,10 +71,12 @@ class Worker:
         self.train = data.take(loaded.train, mine)
         self.val = data.eval_subset(data.take(loaded.train, held), t.eval_samples, c.seed) if len(held) else None
         del loaded  # only this worker's shard stays in memory
-        self.batch_size, self.local_steps = plan.batches[worker_id - 1], plan.local_steps[worker_id - 1]
-        self.steps_per_epoch = math.ceil(len(self.train) / self.batch_size)
-        """Batches in one pass over this worker's own training samples."""
+        self.schedule = Schedule(len(self.train), plan.batches[worker_id - 1], plan.local_steps[worker_id - 1])
+        """Which samples each draw (step, or local step) takes; training.balance changes it mid-run."""
         self._log_shard(cfg.dataset.partition)
+        self._timings: list[float] = []
+        """Compute seconds per sample of the first steps, for training.balance."""
+        self._stats_sent = False
         self.loss = job.loss if job and job.loss else make_loss(t)
         self.replica = usable_replica(cfg, job.model if job else None, self.meta, data.sample(self.train), self.loss)
         self.device = self.replica.device
@@ -89,15 +93,19 @@ class Worker:
         self._lost_at: float | None = None  # when the server went away, while we try to get it back
         self._training = False  # a PARAMS frame now is a resync after the server rolled back
         self._batches: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None
-        self._next = (-1, -1)
-        """(epoch, position) of the batch `_batches` yields next."""
+        self._next = (-1, -1, 0)
+        """(epoch, position, batch size) of the batch `_batches` yields next."""
+        self.slow = {f.step: f.arg for f in faults or [] if f.kind == "slow"}
+        """An injected fault: from that step on, compute takes this many seconds more per sample."""
+        self._slow = 0.0
 
     def _log_shard(self, rule: str) -> None:
         """What this worker trains on: how many samples, and (classes) how many of each label."""
         t = self.cfg.training
-        what = f"worker {self.id}'s shard ({rule}): {len(self.train)} training samples, batch {self.batch_size}"
+        s = self.schedule
+        what = f"worker {self.id}'s shard ({rule}): {len(self.train)} training samples, batch {s.batch(0)}"
         if t.algorithm != "sync":
-            what += f", {self.local_steps} local steps per round"
+            what += f", {s.local_steps(0)} local steps per round"
         cheap = any(hasattr(self.train, a) for a in ("y", "targets")) or rule != "iid"
         if self.meta.task == "classify" and cheap and len(self.train):
             what += f"; labels {histogram(labels_of(self.train), self.meta.classes)}"
@@ -118,10 +126,13 @@ class Worker:
     def _read(self, step: int, timeout: float) -> tuple[Header, memoryview]:
         """The next frame (tensor payloads land in place); a PARAMS frame mid-training is a resync."""
         assert self.link is not None
-        header, payload = self.link.read(step, timeout, lambda h: self._target(h, step))
-        if header.type == MsgType.PARAMS and self._training:
-            self._resync(header.step)
-        return header, payload
+        while True:
+            header, payload = self.link.read(step, timeout, lambda h: self._target(h, step))
+            if header.type == MsgType.PARAMS and self._training:
+                self._resync(header.step)
+            if header.type != MsgType.PLAN:
+                return header, payload
+            self._apply_plan(header.step, wire.decode_json(payload, header, self.peer))
 
     def _resync(self, step: int) -> None:
         """The parameters already landed in place; take the optimizer state too, then start over at `step`."""
@@ -201,6 +212,10 @@ class Worker:
                                              device=describe(self.device))
                 self._tracking = True
             total = welcome["total_steps"]
+            plan = welcome.get("plan")
+            if isinstance(plan, dict) and isinstance(plan.get("step"), int):  # we rejoin a balanced run
+                self._apply_plan(plan["step"], plan)
+                self._stats_sent = True
             logger.info(f"joined the {self.peer} as worker {self.id}: shard of {len(self.train)} samples, "
                         f"{total} steps; waiting for the parameters")
             self.link.start_heartbeats(c.heartbeat_s)
@@ -254,29 +269,32 @@ class Worker:
             self._close_batches()
         bar.close()
 
-    def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This step's batch: the epoch's order is the partition rule's; data not held in memory
-        is read a couple of batches ahead by prefetch.batches, off the step's critical path."""
-        c, t = self.cfg.cluster, self.cfg.training
-        epoch, at = divmod(step, self.steps_per_epoch)
-        if self._batches is None or self._next != (epoch, at):
+    def _batch(self, draw: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch of draw `draw` (schedule.py); the epoch's order is the partition rule's; data
+        not held in memory is read a couple of batches ahead by prefetch.batches, off the step's
+        critical path."""
+        c = self.cfg.cluster
+        (epoch, at), size = self.schedule.position(draw), self.schedule.batch(draw)
+        if self._batches is None or self._next != (epoch, at, size):
             self._close_batches()
-            order = data.epoch_order(len(self.train), c.seed, epoch, self.id).split(self.batch_size)
-            self._batches = batches(self.train, order[at:])
+            order = data.epoch_order(len(self.train), c.seed, epoch, self.id)[at:].split(size)
+            self._batches = batches(self.train, list(order))
         x, y = next(self._batches)
-        self._next = (epoch, at + 1)  # past the epoch's last batch: the next epoch starts a new order
-        return augment_batch(x, self.cfg.dataset, c.seed, self.id, epoch, step), y
+        self._next = (epoch, at + len(y), size)  # past the epoch's end: the next draw starts a new order
+        return augment_batch(x, self.cfg.dataset, c.seed, self.id, epoch, draw), y
 
     def _close_batches(self) -> None:
         if self._batches is not None:
             close = getattr(self._batches, "close", None)
             if close is not None:
                 close()
-        self._batches, self._next = None, (-1, -1)
+        self._batches, self._next = None, (-1, -1, 0)
 
     def _forward(self, index: int) -> tuple[torch.Tensor, int]:
         """Forward on this worker's batch number `index` (of its own passes over its shard)."""
         x, y = self._batch(index)
+        if self._slow:
+            time.sleep(self._slow * len(y))
         x, y = batch_to(x, self.device), batch_to(y, self.device)
         # Dropout's masks: this worker's own (not every worker's the same), and the same in a rerun.
         torch.manual_seed((self.cfg.cluster.seed * 1_000_003 + self.id * 10_007 + index) % 2**63)
@@ -287,11 +305,12 @@ class Worker:
         """The local modes: local_steps steps on our own, then the round's change is what we send.
         Returns our mean loss over the round and the samples it trained on."""
         assert self.rounds is not None
-        t, h = self.cfg.training, self.local_steps
+        t, h = self.cfg.training, self.schedule.local_steps(r)
+        first = self.schedule.first_draw(r)
         self.rounds.begin()
         loss_sum, samples = 0.0, 0
         for j in range(h):
-            loss, n = self._forward(r * h + j)
+            loss, n = self._forward(first + j)
             if j == 0:
                 loss = self._inject(r, loss)
             loss_sum += float(loss) * n
@@ -305,6 +324,9 @@ class Worker:
     def _step(self, step: int, total: int) -> None:
         c, t = self.cfg.cluster, self.cfg.training
         assert self.exchange is not None
+        if step in self.slow:
+            self._slow = self.slow.pop(step)
+            logger.warning(f"step {step}: injecting fault slow {self._slow:g}: {self._slow * 1e3:g} ms more per sample")
         t0 = time.monotonic()
         if self.rounds is None:
             loss, count = self._forward(step)
@@ -335,9 +357,33 @@ class Worker:
         t3 = time.monotonic()
         row = {"worker/loss": own_loss, "worker/global_loss": self.flat.loss,
                "time/compute_s": (t1 - t0) + (t3 - t2), "time/communicate_s": t2 - t1, "time/step_s": t3 - t0}
+        if t.balance:
+            self._measure(step, ((t1 - t0) + (t3 - t2)) / count)
         if self.val is not None and (step == total - 1 or (t.eval_steps and (step + 1) % t.eval_steps == 0)):
             row.update(self._validate(step))
         self.tracker.log(row, step)
+
+    def _measure(self, step: int, per_sample: float) -> None:
+        """training.balance: our compute seconds per sample over BALANCE_STEPS steps after the
+        first (which warms up), sent to the server once; it answers with a PLAN (see `_read`)."""
+        if self._stats_sent:
+            return
+        self._timings.append(per_sample)
+        if len(self._timings) > BALANCE_STEPS:
+            assert self.link is not None
+            self.link.send(MsgType.STATS, {"s_per_sample": statistics.median(self._timings[1:])}, step=step)
+            self._stats_sent = True
+
+    def _apply_plan(self, step: int, plan: dict[str, Any]) -> None:
+        """The server's sizing of our work (training.balance), from round `step` on."""
+        batch, local = plan.get("batch"), plan.get("local_steps")
+        t = self.cfg.training
+        if not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_SCALE * n
+                   for v, n in ((batch, t.batch_size), (local, t.local_steps))):
+            raise ProtocolError(f"{self.peer}: PLAN with batch {batch!r} and local steps {local!r}")
+        self.schedule.change(step, batch, local)  # type: ignore[arg-type]
+        logger.info(f"balanced by the server from step {step} on: batch {batch}"
+                    + (f", {local} local steps per round" if t.algorithm != "sync" else ""))
 
     def _validate(self, step: int) -> dict[str, float]:
         """This worker's own validation split (dataset.validation_split of its shard): log and W&B."""

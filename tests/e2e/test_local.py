@@ -97,3 +97,19 @@ def test_a_resumed_run_ends_with_the_parameters_of_an_uninterrupted_one(rounds, 
     assert "resuming from" in resumed.procs["server again"].output
     assert_same_params(rounds[f"{mode}-a"].server_params(), resumed.server_params(), f"{mode}: resumed")
     resumed.assert_replicas_equal([1, 2])
+
+
+def test_balance_gives_a_slow_machine_less_work_in_sync_and_in_local_modes(tmp_path):
+    """Worker 2 is made 1 ms per sample slower: after measuring, the server hands it the smaller
+    batch (sync) or fewer local steps (local_sgd); the runs finish with every replica equal."""
+    base = ["--set", "training.balance=true", "--set", "dataset.train_size=1024"]
+    runs = {mode: Cluster(tmp_path / mode, workers=2, args=[*base, *flags]).start({2: ["--fault", "0:slow:0.001"]})
+            for mode, flags in {"sync": [], "local_sgd": [*MODES["local_sgd"], "--set", "training.local_steps=2"]}.items()}
+    for mode, cluster in runs.items():
+        finished(cluster)
+        plans = cluster.summary()["balance"]["plans"]
+        key = "batch" if mode == "sync" else "local_steps"
+        assert plans["1"][key] > plans["2"][key], (mode, plans)
+        assert "balanced by the server from step" in cluster.procs["worker 2"].output
+        assert cluster.summary()["replicas_verified"] == [1, 2]
+        cluster.assert_replicas_equal([1, 2])
