@@ -57,7 +57,7 @@ def absurd(ctx: Ctx, key: str) -> Row:
         done = "rolled back" if key == "rollback" else "rejected"
         row.recovery = f"{ms(elapsed(fault.t, seen.t))}: fault → {done}"
     if key == "rollback":
-        back = need(find(c.procs["worker 1"].output, r"resynced to its parameters, training on from step \d+"), "resync")
+        back = need(find(c.procs["worker 1"].output, r"resynced this replica to its parameters; training on from step \d+"), "resync")
         row.recovery += f"; +{ms(elapsed(seen.t, back.t))} → workers resynced"
     return row
 

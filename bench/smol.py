@@ -34,6 +34,19 @@ def run(group: Group, overrides: list[str], workers: int, timeout_s: float,
     server's summary.json. With `link`, the workers reach the server through a `bench.proxy`.
     `server_set` / `worker_set`: overrides for the server or the workers alone, keys outside the
     config's fingerprint (`training.device=cuda`, say)."""
+    names, out = start(group, overrides, workers, link, hosts, server_set, worker_set)
+    group.wait(names, timeout_s)
+    summary = out / "summary.json"
+    if not summary.exists():
+        raise BenchError(f"the server wrote no {summary}:\n{group.tail('smol-server')}")
+    return json.loads(summary.read_text())
+
+
+def start(group: Group, overrides: list[str], workers: int, link: LinkSpec | None = None,
+          hosts: Hosts = LOOPBACK, server_set: tuple[str, ...] = (),
+          worker_set: tuple[str, ...] = ()) -> tuple[list[str], Path]:
+    """`run` without the waiting: starts the processes; returns their names and the server's out_dir
+    (for a caller that watches out_dir/evals.jsonl and stops the group itself)."""
     from smolcluster.runner import free_port
 
     out = group.logs / "smolcluster-out"
@@ -49,8 +62,4 @@ def run(group: Group, overrides: list[str], workers: int, timeout_s: float,
         names.append(f"smol-worker{k}")
         group.spawn(names[-1], [*hosts.prefix(k), *python("-m", "smolcluster", "worker", "--id", str(k), *set_flags(
             [*common, *worker_set, f"cluster.port={worker_port}"]))], env=env)
-    group.wait(names, timeout_s)
-    summary = Path(out) / "summary.json"
-    if not summary.exists():
-        raise BenchError(f"the server wrote no {summary}:\n{group.tail('smol-server')}")
-    return json.loads(summary.read_text())
+    return names, Path(out)

@@ -161,3 +161,40 @@ def test_gpu_benchmark_rows_on_the_cpu(tmp_path):
     copy = rows["smolcluster-cpu"]["copy"]
     assert copy["copy_ms"] > 0 and 0 < copy["copy_share_pct"] < 100, copy
     assert "| smolcluster-cpu |" in out.with_suffix(".md").read_text()
+
+
+@pytest.mark.timeout(120)
+def test_tta_quick_writes_rows_with_time_or_not_reached(tmp_path):
+    """bench/tta.py end to end on loopback (no root needed): time to accuracy of sync fp32 and diloco,
+    and the final accuracy of FedAvg on a dirichlet split, each a real 2-worker cluster."""
+    cmd = [sys.executable, "-m", "bench.tta", "--quick", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=110)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "tta.json").read_text())
+    assert {"meta", "plan", "links", "tta", "ratios", "noniid", "targets", "notes"} <= result.keys()
+    assert {"cpu", "cores", "commit", "command", "uptime_before", "uptime_after"} <= result["meta"].keys()
+    rows = {r["system"]: r for r in result["tta"]}
+    assert set(rows) == {"sync fp32", "diloco H=4"}
+    for row in rows.values():
+        assert not row.get("error") and row["link"] == "loopback" and row["evals"], row
+        assert 0 <= row["final_accuracy"] <= 100 and row["ended"] in ("target", "finished", "cap")
+        accs = [e["test_accuracy"] for e in row["evals"]]
+        if row["reached"]:  # time and bytes of the first evaluation at the target
+            hit = next(i for i, e in enumerate(row["evals"]) if e["step"] == row["step"])
+            assert accs[hit] >= result["plan"]["target"] > max(accs[:hit], default=0), accs
+            assert row["time_s"] == row["evals"][hit]["time_s"] >= 0 and row["bytes"] == row["evals"][hit]["bytes"] > 0
+        else:
+            assert row["time_s"] is None and row["bytes"] is None
+    assert [e["system"] for e in result["ratios"]] == ["diloco H=4"]
+    assert {"fp32", "int8"} <= result["ratios"][0].keys()
+    noniid = result["noniid"]
+    assert [(r["alpha"], r["local"]) for r in noniid] == [(0.1, True)]
+    for row in noniid:
+        assert not row.get("error") and 0 <= row["test_accuracy"] <= 100 and row["bytes"] > 0, row
+    md = (tmp_path / "tta.md").read_text()
+    assert "| loopback | sync fp32 |" in md and "## Part 2" in md
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return  # the plot needs the `bench` dependency group
+    assert (tmp_path / "tta.png").stat().st_size > 0
