@@ -15,6 +15,7 @@ averaged loss, which every replica holds the same, so every worker computes the 
 from __future__ import annotations
 
 import torch
+from loguru import logger
 
 from smolcluster.config import TrainingConfig
 from smolcluster.flat import FlatModel
@@ -48,11 +49,19 @@ class LocalSteps:
             flat.dev_grads.add_(flat.dev_params - self.start, alpha=self.mu)
         optimizer_step(self.inner, self.cfg, index, total)
 
-    def end(self) -> None:
-        """The round's change goes where the wire reads gradients; the parameters go back to the start."""
+    def end(self, round_: int) -> None:
+        """The round's change goes where the wire reads gradients; the parameters go back to the start.
+
+        A non-finite change (a NaN batch, an overflow) is sent as it is, and the server refuses
+        it like a NaN gradient; but the inner optimizer's state took the NaN in too, and would make
+        every later round NaN: it starts afresh."""
         flat = self.flat
         torch.sub(self.start, flat.dev_params, out=flat.dev_grads)
         flat.dev_params.copy_(self.start)
+        if not bool(torch.isfinite(flat.dev_grads).all()):
+            self.inner.state.clear()
+            logger.warning(f"round {round_}: this worker's local steps went non-finite; the server will refuse "
+                           "the round's change, and the inner optimizer starts afresh")
 
     def adapt(self, averaged_loss: float) -> None:
         """FedProx's adaptive mu from the round's averaged loss (the same on every replica)."""

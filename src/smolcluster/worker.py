@@ -317,7 +317,7 @@ class Worker:
             samples += n
             # The learning-rate schedule runs over local steps; a worker with more of them (shares) spreads its own.
             self.rounds.step(loss, r * t.local_steps + (j * t.local_steps) // h, total * t.local_steps)
-        self.rounds.end()
+        self.rounds.end(r)
         self.flat.loss = loss_sum / samples
         return self.flat.loss, samples
 

@@ -101,10 +101,14 @@ def test_a_resumed_run_ends_with_the_parameters_of_an_uninterrupted_one(rounds, 
 
 def test_balance_gives_a_slow_machine_less_work_in_sync_and_in_local_modes(tmp_path):
     """Worker 2 is made 1 ms per sample slower: after measuring, the server hands it the smaller
-    batch (sync) or fewer local steps (local_sgd); the runs finish with every replica equal."""
+    batch (sync) or fewer local steps (local_sgd); the runs finish with every replica equal. The
+    local run also sends its changes as int8 with error feedback, and worker 1's change of round 3
+    is NaN: refused for that round like a NaN gradient."""
     base = ["--set", "training.balance=true", "--set", "dataset.train_size=1024"]
-    runs = {mode: Cluster(tmp_path / mode, workers=2, args=[*base, *flags]).start({2: ["--fault", "0:slow:0.001"]})
-            for mode, flags in {"sync": [], "local_sgd": [*MODES["local_sgd"], "--set", "training.local_steps=2"]}.items()}
+    local = [*MODES["local_sgd"], "--set", "training.local_steps=2", "--set", "cluster.compression=int8"]
+    runs = {mode: Cluster(tmp_path / mode, workers=2, args=[*base, *flags]).start(
+                {2: ["--fault", "0:slow:0.001"], **({1: ["--fault", "3:nan"]} if flags else {})})
+            for mode, flags in {"sync": [], "local_sgd": local}.items()}
     for mode, cluster in runs.items():
         finished(cluster)
         plans = cluster.summary()["balance"]["plans"]
@@ -113,3 +117,5 @@ def test_balance_gives_a_slow_machine_less_work_in_sync_and_in_local_modes(tmp_p
         assert "balanced by the server from step" in cluster.procs["worker 2"].output
         assert cluster.summary()["replicas_verified"] == [1, 2]
         cluster.assert_replicas_equal([1, 2])
+    assert runs["local_sgd"].summary()["nonfinite_gradients"] == 1
+    assert "step 3: rejected a non-finite (NaN/Inf) gradient from worker 1" in runs["local_sgd"].procs["server"].output

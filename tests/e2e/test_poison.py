@@ -53,7 +53,7 @@ def test_a_non_finite_optimizer_state_is_rolled_back_and_every_worker_resynced(t
     log = cluster.procs["server"].output
     assert "step 50: parameters or optimizer state are not finite after the update; rolled back" in log, log[-3000:]
     for k in (1, 2):
-        assert "resynced to its parameters, training on from step 52" in cluster.procs[f"worker {k}"].output
+        assert "resynced this replica to its parameters; training on from step 52" in cluster.procs[f"worker {k}"].output
     summary = cluster.summary()
     assert summary["rollbacks"] == 1 and summary["replica_mismatches"] == 0
     assert summary["replicas_verified"] == [1, 2]
