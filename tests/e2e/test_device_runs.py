@@ -54,11 +54,13 @@ def test_the_gpu_path_gives_the_cpu_path_bits(tmp_path):
 
 def test_drift_is_measured_tolerated_when_small_resynced_when_large_and_replicas_end_equal(tmp_path):
     # 64 steps; checksums every 5 (steps 4, 9, 14, ...) and a forced resync every 25 steps.
-    # Worker 1 drifts by 1e-6 of the parameters' norm after step 2 (within the tolerance of 1e-4),
-    # worker 2 by 1e-2 after step 12 (beyond it). They take the copy path a GPU takes.
+    # Worker 1 drifts by 1e-6 of the parameters' norm after step 2 (within the tolerance of 1e-4)
+    # and again after the last step (63: any difference there is resynced), worker 2 by 1e-2 after
+    # step 12 (beyond the tolerance). They take the copy path a GPU takes.
     args = ["--set", "dataset.train_size=1024", "--set", "cluster.checksum_steps=5", "--set", "cluster.resync_steps=25"]
     cluster = Cluster(tmp_path, workers=2, args=args, extra_env={"SMOLCLUSTER_COPY_PATH": "1"})
-    finished(cluster.start({1: ["--fault", "2:perturb:1e-6"], 2: ["--fault", "12:perturb:1e-2"]}))
+    finished(cluster.start({1: ["--fault", "2:perturb:1e-6", "--fault", "63:perturb:1e-6"],
+                            2: ["--fault", "12:perturb:1e-2"]}))
     log = cluster.procs["server"].output
     small = re.search(r"worker 1's parameters differ from the server's after step 4 by (\S+) of their norm.*"
                       r"it trains on", log)
@@ -70,6 +72,8 @@ def test_drift_is_measured_tolerated_when_small_resynced_when_large_and_replicas
     summary = cluster.summary()
     assert summary["drift_resyncs"] >= 1 and summary["periodic_resyncs"] >= 2, summary
     assert "resyncing worker 1 to the server's parameters at step 25: periodic resync" in log
+    assert re.search(r"resyncing worker 1 to the server's parameters at step 64: .* after step 63 .* on the last step",
+                     log), log[-3000:]
     assert summary["replicas_verified"] == [1, 2], summary
     cluster.assert_replicas_equal([1, 2])
 
