@@ -18,7 +18,7 @@ FAST = [
     "--set", "training.batch_size=16", "--set", "training.num_epochs=2", "--set", "training.eval_steps=0",
     "--set", "training.threads=1", "--set", "wandb.mode=disabled", "--set", "cluster.checksum_steps=5",
     "--set", "cluster.connect_timeout=60", "--set", "cluster.worker_timeout=60",
-    "--set", "cluster.join_timeout=60",
+    "--set", "cluster.join_timeout=60", "--set", "cluster.http_port=0",
 ]
 
 

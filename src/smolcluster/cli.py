@@ -115,6 +115,10 @@ def parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=1337, metavar="S",
                         help="random seed: same seed, same text (default: 1337)")
     sample.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    st = sub.add_parser("status", help="print a running server's state (its /api/status) in the terminal")
+    st.add_argument("url", nargs="?", default="http://127.0.0.1:8642/", metavar="URL",
+                    help="the server's dashboard (default: http://127.0.0.1:8642/, cluster.http_port's default)")
+    st.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     h = sub.add_parser("hosts", help="print the hosts launch.sh starts processes on, one line each",
                        description=HOSTS_DOC, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     _config_args(h)
@@ -161,6 +165,10 @@ def main(argv: list[str] | None = None, job: Job | None = None) -> int:
     try:
         if args.command == "sample":  # reads a model file, not the configs
             return _sample(args)
+        if args.command == "status":  # reads a server's dashboard, not the configs
+            from smolcluster.web import print_status
+
+            return print_status(args.url)
         cfg, passthrough = _load(args, job)
         return COMMANDS[args.command](args, cfg, passthrough, job)
     except ConfigError as e:  # DataFileError too: a file the user named is malformed

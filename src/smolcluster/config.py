@@ -183,11 +183,20 @@ class ClusterConfig:
     """Server: a worker's gradient bucket whose norm is more than this many times the median of
     recently accepted norms (the lower median of the step's, for the first steps) is rejected
     like a NaN one, logged and counted; a norm past float32's range always is (0: off)."""
+    http_port: int | None = 8642
+    """Server: the read-only dashboard, /api/status and Prometheus /metrics on this port (0 or
+    null: off; `smolcluster run` picks a free one). A port that is taken is logged; the run goes on."""
+    http_linger_s: float = 0.0
+    """Server: after the run, keep the dashboard up this many seconds (to read the final state)."""
+    http_bind: str = "127.0.0.1"
+    """Server: the address the dashboard listens on (0.0.0.0: every interface; it has no token)."""
     max_send_queue_mb: float = 0.0
     """Server: a worker with more than this many MiB of frames queued that it has not read is
     dropped (it resyncs when it rejoins); 0: the larger of 16 MiB and 4 steps of averages."""
 
     def __post_init__(self) -> None:
+        if self.http_port is not None and not 0 <= self.http_port < 65536:
+            raise ConfigError(f"http_port: expected 0..65535 (0 or null: off), got {self.http_port}")
         if not 0 < self.port < 65536:
             raise ConfigError(f"port: expected 1..65535, got {self.port}")
         if self.num_workers < 1:
@@ -201,6 +210,7 @@ class ClusterConfig:
             _positive(name, getattr(self, name))
         _positive("checksum_steps", self.checksum_steps, allow_zero=True)
         _positive("resync_steps", self.resync_steps, allow_zero=True)
+        _positive("http_linger_s", self.http_linger_s, allow_zero=True)
         _positive("drift_tolerance", self.drift_tolerance, allow_zero=True)
         _positive("checkpoint_steps", self.checkpoint_steps, allow_zero=True)
         _positive("bucket_mb", self.bucket_mb)

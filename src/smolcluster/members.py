@@ -19,6 +19,7 @@ from smolcluster.drift import CHUNKS, Digest, digest, parse_sketch, relative_dri
 from smolcluster.errors import ClusterError
 from smolcluster.hub import Peer
 from smolcluster.results import Counters
+from smolcluster.web import Board
 from smolcluster.wire import DType, Header, MsgType, ProtocolError
 
 if TYPE_CHECKING:
@@ -40,6 +41,7 @@ class Membership:
     step: int
     started: bool
     devices: dict[str, str]
+    board: Board
     checksums: dict[int, Digest]
 
     def on_connect(self, peer: Peer) -> None:
@@ -53,6 +55,8 @@ class Membership:
             where = f"at step {self.step}" if self.started else "before training started"
             logger.warning(f"worker {peer.worker_id} dropped {where}: {why}; "
                            f"{len(self.workers)}/{self.cfg.cluster.num_workers} workers remain")
+            self.board.worker(peer.worker_id, state="dropped")
+            self.board.event("dropped", f"worker {peer.worker_id} dropped {where}: {why}", peer.worker_id)
         else:
             logger.warning(f"closed connection from {peer.addr}: {why}")
 
@@ -90,6 +94,7 @@ class Membership:
 
     def _refuse(self, peer: Peer, claimed: object, reason: str) -> None:
         self.counters.refused += 1
+        self.board.event("refused", f"refused {peer.addr} claiming worker {claimed!r}: {reason}")
         logger.error(f"refused {peer.addr} claiming worker {claimed!r}: {reason}")
         self.hub.close_after(peer, wire.frame(MsgType.REJECT, {"reason": reason}), "refused")
 
@@ -108,6 +113,9 @@ class Membership:
         if self.started:
             self.counters.rejoined += 1
         self.devices[str(wid)] = ok.device
+        state = "rejoined" if self.started else "joined"
+        self.board.worker(wid, host=ok.host, addr=peer.addr, device=ok.device, state=state, last_seen=round(time.time(), 3))
+        self.board.event(state, f"worker {wid} {state} from {peer.addr} ({ok.host}, {ok.device})", wid)
         logger.info(f"worker {wid} {'rejoined' if self.started else 'joined'} from {peer.addr} "
                     f"({ok.host}, {ok.device}); {len(self.workers)}/{n} workers")
         self.hub.send(peer, handshake.welcome(ok, self.token, peer.nonce, total_steps=self.total_steps,
@@ -125,6 +133,8 @@ class Membership:
                 self.counters.late += 1
                 self.step_late += 1
                 logger.warning(f"step {self.step}: dropped late gradient of step {header.step} from worker {peer.worker_id}")
+                self.board.event("late", f"step {self.step}: late gradient of step {header.step} from worker "
+                                         f"{peer.worker_id}", peer.worker_id)
             return
         if self.first_arrival is None:
             self.first_arrival = time.monotonic()

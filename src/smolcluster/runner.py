@@ -171,8 +171,9 @@ def run_local(cfg: Config, config_args: list[str], port: int | None = None, prog
         raise PortInUse(f"port {port} on 127.0.0.1 is in use (another server?); choose another "
                         "cluster.port, or leave it unset and `run` picks a free one")
     threads = t.threads or max(1, (os.cpu_count() or 1) // c.num_workers)
+    http = [] if not c.http_port else ["--set", f"cluster.http_port={free_port()}"]  # two runs never meet
     common = [
-        *config_args, "--set", f"cluster.port={port}", "--set", "cluster.host_ip=127.0.0.1",
+        *config_args, *http, "--set", f"cluster.port={port}", "--set", "cluster.host_ip=127.0.0.1",
         "--set", "cluster.bind=127.0.0.1", "--set", f"training.threads={threads}",
     ]
     out = Path(t.out_dir)
@@ -183,6 +184,8 @@ def run_local(cfg: Config, config_args: list[str], port: int | None = None, prog
            "PYTHONUNBUFFERED": "1", "SMOLCLUSTER_TOKEN": secrets.token_hex(16)}
     base = program or [sys.executable, "-m", "smolcluster"]  # a Job's own script runs as its processes
     logger.info(f"starting a local cluster: 1 server + {c.num_workers} workers on 127.0.0.1:{port}, logs in {out / 'logs'}")
+    if http:
+        logger.info(f"dashboard: http://{c.http_bind}:{http[1].split('=')[1]}/")
     children: list[Child] = []
     previous = {sig: signal.signal(sig, _raise_stopped) for sig in STOP_SIGNALS}
     try:

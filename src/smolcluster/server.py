@@ -34,6 +34,7 @@ from smolcluster.errors import ClusterError
 from smolcluster.faults import Fault
 from smolcluster.hub import Hub, Peer
 from smolcluster.partition import layout
+from smolcluster.web import Board, serve
 
 if TYPE_CHECKING:
     from smolcluster.api import Job
@@ -108,6 +109,7 @@ class Server(Membership):
         self.t_train = time.monotonic()
         self.eval_s = 0.0
         self.bytes_moved = 0
+        self.samples_done = 0
         """Gradient (or change) and average bytes through the server's port so far, frames whole."""
         """Seconds spent evaluating: left out of the evaluations' training time."""
         self.wandb_group = group_name(cfg)  # told to every worker, so all runs land in one W&B group
@@ -120,6 +122,9 @@ class Server(Membership):
         self.hub = Hub(host, c.port, self, heartbeat_s=c.heartbeat_s, silence_s=c.worker_timeout,
                        handshake_s=c.handshake_timeout, tls=handshake.server_tls(c), max_queue=self._queue_limit())
         self.port = self.hub.port
+        self.board = Board({"algorithm": t.algorithm, "compression": c.compression, "model": cfg.model.type,
+                            "total_steps": self.total_steps, "workers_expected": c.num_workers, "step": self.step})
+        self.httpd = serve(self.board, c.http_bind, c.http_port) if c.http_port else None
         logger.info(f"open files: {fds}; connections waiting for a handshake: {self.hub.admission}")
         logger.info(f"listening on {host}:{self.port} for {c.num_workers} workers"
                     f"{' (TLS)' if c.tls_cert else ''}{' (token required)' if self.token else ''}")
@@ -215,12 +220,14 @@ class Server(Membership):
             inbox.bad_step = self.step
             self.counters.nonfinite += 1
             logger.error(f"step {self.step}: rejected a non-finite (NaN/Inf) gradient from worker {peer.worker_id}")
+            self.board.event("rejected", f"step {self.step}: non-finite gradient from worker {peer.worker_id}", peer.worker_id)
         elif inbox.outlier[b] and inbox.outlier_step != self.step:
             inbox.outlier_step = self.step
             self.counters.outliers += 1
             ratio = "beyond float32's range" if inbox.outlier[b] == float("inf") else f"{inbox.outlier[b]:.3g}x the limit"
             logger.error(f"step {self.step}: rejected an absurd gradient from worker {peer.worker_id} (bucket {b} norm "
                          f"{ratio}: cluster.outlier_factor={self.cfg.cluster.outlier_factor:g} times the usual norm)")
+            self.board.event("rejected", f"step {self.step}: absurd gradient from worker {peer.worker_id}", peer.worker_id)
 
     def _check_replica(self) -> bool:
         """After the optimizer step: roll back to the last good snapshot if anything is not finite."""
@@ -257,6 +264,7 @@ class Server(Membership):
                   "time_s": round(t0 - self.t_train - self.eval_s, 3), "bytes": self.bytes_moved}
         self.eval_s += time.monotonic() - t0
         self.evals.append(result)
+        self.board.evaluation(result)
         with open(Path(self.cfg.training.out_dir) / "evals.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(result) + "\n")
         logger.info(f"step {self.step + 1}/{self.total_steps}: {headline(result, loss=True)}")
@@ -280,6 +288,7 @@ class Server(Membership):
         t2 = time.monotonic()
         t1 = t2 - self.comm_s  # averaging and sending happen inside the wait, bucket by bucket
         self.bytes_moved += self.avg.bytes_in + self.avg.bytes_out
+        self.samples_done += sum(p.inbox.count for p in arrived)
         if t.max_grad_norm:  # clipping rewrites the gradient buffer that queued AVG frames still point into
             for peer in self.workers.values():
                 peer.writer.own()
@@ -313,7 +322,22 @@ class Server(Membership):
         if not last and c.checkpoint_steps and (self.step + 1) % c.checkpoint_steps == 0:
             self._checkpoint()
         self.tracker.log(metrics, self.step)
+        self._post(metrics, arrived, t3 - t0)
         return metrics
+
+    def _post(self, metrics: dict[str, Any], arrived: list[Peer], step_s: float) -> None:
+        """The step, for the dashboard (web.py): a few assignments, no serialising here."""
+        now = time.time()
+        done = self.step + 1 - self.start_step
+        rate = done / max(time.monotonic() - self.t_train, 1e-9)
+        for peer in arrived:
+            self.board.worker(peer.worker_id, last_step=self.step, last_seen=round(now, 3))
+        self.board.step({"step": self.step + 1, "epoch": round(metrics["train/epoch"], 4), "loss": self.flat.loss,
+                         "steps_per_s": round(rate, 3), "eta_s": round((self.total_steps - self.step - 1) / max(rate, 1e-9), 1),
+                         "workers_present": len(self.workers), "bytes": self.bytes_moved,
+                         "samples": self.samples_done},
+                        dataclasses.asdict(self.counters),
+                        {"step": self.step + 1, "loss": self.flat.loss, "step_s": round(step_s, 6)})
 
     def _checkpoint(self) -> None:
         root = Path(self.cfg.training.out_dir) / "checkpoints"
@@ -321,6 +345,7 @@ class Server(Membership):
                 "evals": self.evals, "counters": dataclasses.asdict(self.counters)}
         path = save_checkpoint(root, self.flat, self.optimizer, self.step + 1, info, self.cfg.cluster.keep_checkpoints)
         logger.info(f"step {self.step + 1}: checkpoint written to {path}")
+        self.board.event("checkpoint", f"step {self.step + 1}: checkpoint {path.name}")
 
     def _inject(self) -> None:
         fault = self.faults.get(self.step)
@@ -367,6 +392,9 @@ class Server(Membership):
                 self.hub.send(peer, wire.frame(MsgType.DONE, done))
             self.hub.drain(10.0)
             self.tracker.finish(summary)
+            if self.httpd is not None and c.http_linger_s:
+                logger.info(f"the dashboard stays up for {c.http_linger_s:g} s (cluster.http_linger_s)")
+                time.sleep(c.http_linger_s)
             return summary
         except ClusterError as e:
             for peer in list(self.hub.peers):
@@ -376,6 +404,9 @@ class Server(Membership):
             raise
         finally:
             self.hub.close()
+            if self.httpd is not None:
+                self.httpd.shutdown()
+                self.httpd.server_close()
 
     def _await_final_checksums(self) -> None:
         """Every worker's last checksum, equal to ours; one that differs is resynced and asked again."""
