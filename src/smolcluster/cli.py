@@ -115,6 +115,14 @@ def parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=1337, metavar="S",
                         help="random seed: same seed, same text (default: 1337)")
     sample.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    pr = sub.add_parser("predict", help="a saved classifier's top classes for image files or test samples",
+                        epilog=EPILOG)
+    pr.add_argument("model_path", metavar="MODEL", help="path to model.safetensors")
+    pr.add_argument("files", nargs="*", metavar="FILE", help="PNG or JPEG images of any size")
+    pr.add_argument("--index", type=int, action="append", default=[], metavar="N",
+                    help="sample N of the test set the model was trained with (repeatable)")
+    pr.add_argument("--top", type=int, default=3, metavar="K", help="classes to print (default: 3)")
+    _config_args(pr)
     st = sub.add_parser("status", help="print a running server's state (its /api/status) in the terminal")
     st.add_argument("url", nargs="?", default="http://127.0.0.1:8642/", metavar="URL",
                     help="the server's dashboard (default: http://127.0.0.1:8642/, cluster.http_port's default)")
@@ -334,7 +342,36 @@ def _hosts(args: argparse.Namespace, cfg: Config, _: list[str], job: Job | None 
     return 0
 
 
-COMMANDS = {"server": _server, "worker": _worker, "run": _run, "eval": _eval, "hosts": _hosts}
+def _predict(args: argparse.Namespace, cfg: Config, _: list[str], job: Job | None = None) -> int:
+    from smolcluster import data
+    from smolcluster.predict import image_input, line, top
+    from smolcluster.results import data_meta, load_model, saved_data
+
+    path = Path(args.model_path)
+    model, _model_cfg, meta = load_model(path)
+    saved = data_meta(path, meta)
+    if saved is not None and saved.task != "classify":
+        raise ConfigError(f"{path}: a {saved.task} model has no classes to predict (try `smolcluster sample`)")
+    if not args.files and not args.index:
+        raise ConfigError("predict: name image FILEs or --index N of the test set")
+    shape = tuple(saved.input_shape) if saved is not None else (1, 28, 28)
+    for name in args.files:
+        print(line(name, top(model, image_input(Path(name), shape), args.top)), flush=True)
+    if args.index:
+        dataset, seed = cfg.dataset, cfg.cluster.seed
+        saved_dataset, saved_seed = saved_data(path, meta)
+        if saved_dataset is not None and not any(o.startswith("dataset.") for o in args.overrides):
+            dataset, seed = saved_dataset, seed if saved_seed is None else saved_seed
+        test = data.load_split(dataset, "test", seed)
+        for n in args.index:
+            if not 0 <= n < len(test):
+                raise ConfigError(f"--index {n}: the test set has samples 0..{len(test) - 1}")
+            x, y = test[n]
+            print(line(f"test[{n}]", top(model, x.unsqueeze(0), args.top), int(y)), flush=True)
+    return 0
+
+
+COMMANDS = {"server": _server, "worker": _worker, "run": _run, "eval": _eval, "hosts": _hosts, "predict": _predict}
 
 
 def server_alias() -> int:
