@@ -615,7 +615,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = {**report.machine_info(), "commit": _sh("git", "rev-parse", "--short", "HEAD"),
             "dirty": bool(_sh("git", "status", "--porcelain", "--untracked-files=no")),
             "command": "uv run --group bench python -m bench.tta" + (f" {shlex.join(argv)}" if argv else ""),
-            "argv": list(getattr(sys, "orig_argv", sys.argv)), "uptime_before": _sh("uptime"),
+            "argv": ["python", *list(getattr(sys, "orig_argv", sys.argv))[1:]],  # no path of this machine
+            "uptime_before": _sh("uptime"),
             "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     logger.info(f"tta on {meta['cpu']} ({meta['cores']} cores); load {meta['uptime_before']}; results -> {plan.out}")
     rows = [tta_row(plan, s, link) for link in plan.links for s in plan.systems]
