@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from smolcluster.drift import CHUNKS, digest, parse_sketch, relative_drift
+from smolcluster.drift import CHUNKS, digest, parse_sketch, relative_drift, sketch_length
 from smolcluster.flat import FlatModel
 from smolcluster.wire import ProtocolError
 
@@ -22,7 +22,7 @@ def test_equal_replicas_have_equal_digests_and_no_drift():
     flat = _flat()
     a, b = digest(flat, 7), digest(_flat(), 7)
     assert a == b and relative_drift(a, b.sketch) == 0.0
-    assert len(a.sketch) == CHUNKS + min(CHUNKS, flat.nbuf)  # parameters, then buffers
+    assert len(a.sketch) == sketch_length(flat.nbuf) == CHUNKS + min(CHUNKS, flat.nbuf)  # parameters, then buffers
 
 
 @pytest.mark.parametrize("scale", [1e-6, 1e-3, 1e-1])

@@ -57,6 +57,11 @@ def digest(flat: FlatModel, seed: int) -> Digest:
     return Digest(crc, tuple(sketch), math.sqrt(sq))
 
 
+def sketch_length(nbuf: int) -> int:
+    """Numbers in a digest's sketch: CHUNKS for the parameters, up to CHUNKS for the float buffers."""
+    return CHUNKS + min(CHUNKS, nbuf)
+
+
 def parse_sketch(body: dict[str, Any], length: int, peer: str) -> tuple[float, ...]:
     """A worker's sketch from its CHECKSUM frame: `length` numbers, or a ProtocolError naming it."""
     sketch = body.get("sketch")

@@ -15,7 +15,7 @@ from loguru import logger
 from smolcluster import handshake, wire
 from smolcluster.checkpoint import encode_state
 from smolcluster.balance import BALANCE_STEPS, parse_stats, plan
-from smolcluster.drift import CHUNKS, Digest, digest, parse_sketch, relative_drift
+from smolcluster.drift import Digest, digest, parse_sketch, relative_drift, sketch_length
 from smolcluster.errors import ClusterError
 from smolcluster.hub import Peer
 from smolcluster.results import Counters
@@ -185,7 +185,7 @@ class Membership:
         """A worker's replica after step `header.step`, against ours: equal; drifted but within
         `cluster.drift_tolerance` (it trains on); or further, or on the last step: resynced."""
         theirs, ours = body.get("crc"), self.checksums.get(header.step)
-        sketch = parse_sketch(body, len(ours.sketch) if ours else CHUNKS, peer.name)
+        sketch = parse_sketch(body, sketch_length(self.flat.nbuf), peer.name)
         if body.get("resynced"):
             if peer.resync_at != header.step + 1:
                 return  # the acknowledgement of a rollback's resync (`_resync_all`), or of an older one
