@@ -10,7 +10,7 @@ from __future__ import annotations
 import statistics
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 from loguru import logger
@@ -25,16 +25,13 @@ from smolcluster.exchange import GradExchange
 from smolcluster.faults import Fault, inject, perturb
 from smolcluster.link import Link
 from smolcluster.local import LocalSteps
-from smolcluster.partition import histogram, labels_of, layout
 from smolcluster.progress import Progress
 from smolcluster.replica import usable_replica
 from smolcluster.balance import BALANCE_STEPS, MAX_SCALE
-from smolcluster.schedule import Schedule
+from smolcluster.shard import Shard
 from smolcluster.results import headline, save_model
 from smolcluster.tracking import NullTracker, Tracker, start_tracker
-from smolcluster.augment import augment_batch
-from smolcluster.prefetch import batches
-from smolcluster.train import apply_average, make_loss, metrics
+from smolcluster.train import apply_average, make_loss
 from smolcluster.wire import DType, Header, MsgType, ProtocolError
 
 if TYPE_CHECKING:
@@ -63,17 +60,8 @@ class Worker:
         self.perturb = {f.step: f.arg for f in faults or [] if f.kind == "perturb"}
         """Steps after which this replica's parameters are nudged by a relative amount (a fault)."""
         self.save_params = save_params
-        loaded = data.load_data(cfg.dataset, c.seed, job.data if job else None)
-        self.meta = loaded.meta
-        plan = layout(cfg, loaded.train, self.meta.task)
-        shard = plan.shards[worker_id - 1]
-        mine, held = data.holdout(shard, cfg.dataset.validation_split, c.seed, worker_id)
-        self.train = data.take(loaded.train, mine)
-        self.val = data.eval_subset(data.take(loaded.train, held), t.eval_samples, c.seed) if len(held) else None
-        del loaded  # only this worker's shard stays in memory
-        self.schedule = Schedule(len(self.train), plan.batches[worker_id - 1], plan.local_steps[worker_id - 1])
-        """Which samples each draw (step, or local step) takes; training.balance changes it mid-run."""
-        self._log_shard(cfg.dataset.partition)
+        self.shard = Shard(cfg, worker_id, job.data if job else None)
+        self.meta, self.train, self.schedule = self.shard.meta, self.shard.train, self.shard.schedule
         self._timings: list[float] = []
         """Compute seconds per sample of the first steps, for training.balance."""
         self._stats_sent = False
@@ -92,24 +80,9 @@ class Worker:
         self.link: Link | None = None
         self._lost_at: float | None = None  # when the server went away, while we try to get it back
         self._training = False  # a PARAMS frame now is a resync after the server rolled back
-        self._batches: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None
-        self._next = (-1, -1, 0)
-        """(epoch, position, batch size) of the batch `_batches` yields next."""
         self.slow = {f.step: f.arg for f in faults or [] if f.kind == "slow"}
         """An injected fault: from that step on, compute takes this many seconds more per sample."""
         self._slow = 0.0
-
-    def _log_shard(self, rule: str) -> None:
-        """What this worker trains on: how many samples, and (classes) how many of each label."""
-        t = self.cfg.training
-        s = self.schedule
-        what = f"worker {self.id}'s shard ({rule}): {len(self.train)} training samples, batch {s.batch(0)}"
-        if t.algorithm != "sync":
-            what += f", {s.local_steps(0)} local steps per round"
-        cheap = any(hasattr(self.train, a) for a in ("y", "targets")) or rule != "iid"
-        if self.meta.task == "classify" and cheap and len(self.train):
-            what += f"; labels {histogram(labels_of(self.train), self.meta.classes)}"
-        logger.info(what)
 
     # --- I/O ------------------------------------------------------------------------------------
 
@@ -261,43 +234,21 @@ class Worker:
                 except Resynced as r:  # this step is abandoned; the server goes on at r.step
                     bar.update(r.step - step)
                     step = r.step
-                    self._close_batches()
+                    self.shard.close()
                     continue
                 bar.update(1, loss=f"{self.flat.loss:.4f}")
                 step += 1
         finally:
-            self._close_batches()
+            self.shard.close()
         bar.close()
-
-    def _batch(self, draw: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch of draw `draw` (schedule.py); the epoch's order is the partition rule's; data
-        not held in memory is read a couple of batches ahead by prefetch.batches, off the step's
-        critical path."""
-        c = self.cfg.cluster
-        (epoch, at), size = self.schedule.position(draw), self.schedule.batch(draw)
-        if self._batches is None or self._next != (epoch, at, size):
-            self._close_batches()
-            order = data.epoch_order(len(self.train), c.seed, epoch, self.id)[at:].split(size)
-            self._batches = batches(self.train, list(order))
-        x, y = next(self._batches)
-        self._next = (epoch, at + len(y), size)  # past the epoch's end: the next draw starts a new order
-        return augment_batch(x, self.cfg.dataset, c.seed, self.id, epoch, draw), y
-
-    def _close_batches(self) -> None:
-        if self._batches is not None:
-            close = getattr(self._batches, "close", None)
-            if close is not None:
-                close()
-        self._batches, self._next = None, (-1, -1, 0)
 
     def _forward(self, index: int) -> tuple[torch.Tensor, int]:
         """Forward on this worker's batch number `index` (of its own passes over its shard)."""
-        x, y = self._batch(index)
+        x, y = self.shard.batch(index)
         if self._slow:
             time.sleep(self._slow * len(y))
         x, y = batch_to(x, self.device), batch_to(y, self.device)
-        # Dropout's masks: this worker's own (not every worker's the same), and the same in a rerun.
-        torch.manual_seed((self.cfg.cluster.seed * 1_000_003 + self.id * 10_007 + index) % 2**63)
+        self.shard.seed_step(index)
         self.flat.zero_grad()
         return self.loss(self.model(x), y), len(y)
 
@@ -359,8 +310,8 @@ class Worker:
                "time/compute_s": (t1 - t0) + (t3 - t2), "time/communicate_s": t2 - t1, "time/step_s": t3 - t0}
         if t.balance:
             self._measure(step, ((t1 - t0) + (t3 - t2)) / count)
-        if self.val is not None and (step == total - 1 or (t.eval_steps and (step + 1) % t.eval_steps == 0)):
-            row.update(self._validate(step))
+        if self.shard.val is not None and (step == total - 1 or (t.eval_steps and (step + 1) % t.eval_steps == 0)):
+            row.update(self.shard.validate(self.model, self.loss, step))
         self.tracker.log(row, step)
 
     def _measure(self, step: int, per_sample: float) -> None:
@@ -384,14 +335,6 @@ class Worker:
         self.schedule.change(step, batch, local)  # type: ignore[arg-type]
         logger.info(f"balanced by the server from step {step} on: batch {batch}"
                     + (f", {local} local steps per round" if t.algorithm != "sync" else ""))
-
-    def _validate(self, step: int) -> dict[str, float]:
-        """This worker's own validation split (dataset.validation_split of its shard): log and W&B."""
-        assert self.val is not None
-        result = metrics(self.model, self.val, self.meta.task, self.loss)
-        shown = ", ".join(f"{k} {v:.4f}" if k != "accuracy" else f"accuracy {v:.2f}%" for k, v in result.items())
-        logger.info(f"step {step + 1}: validation {shown} ({len(self.val)} samples of worker {self.id}'s shard)")
-        return {f"val/{k}": v for k, v in result.items()}
 
     def _inject(self, step: int, loss: torch.Tensor) -> torch.Tensor:
         """Apply this step's injected fault, after forward and before anything of the step is sent."""
