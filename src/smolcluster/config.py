@@ -173,6 +173,15 @@ class ClusterConfig:
     """Worker: send buckets while backward is still running (no effect on the numbers)."""
     reconnect: bool = False
     """Worker: when the server goes away, keep retrying (for connect_timeout) instead of exiting."""
+    backend: Literal["ps", "torch"] = "ps"
+    """Who averages: ps, smolcluster's parameter server; torch, torch.distributed's
+    DistributedDataParallel (gloo on CPU and MPS, NCCL on CUDA) with no server process: worker 1
+    is rank 0, holds the rendezvous at host_ip:port, evaluates, checkpoints and saves the model.
+    README: "Two backends"."""
+    torch_trust_network: bool = False
+    """backend torch: allow listening on an address other machines can reach. torch.distributed
+    authenticates no one: any machine that reaches its ports can disrupt the job (the cluster
+    token still keeps processes of another cluster out)."""
     server: str = "localhost"
     """Host name of the server machine (used by launch.sh)."""
     workers: list[str] = field(default_factory=list)

@@ -13,7 +13,6 @@ A step, seen from here:
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import signal
@@ -26,13 +25,13 @@ from loguru import logger
 from smolcluster import auth, data, handshake, wire
 from smolcluster.admission import raise_fd_limit
 from smolcluster.averaging import Averager
-from smolcluster.checkpoint import encode_state, load_checkpoint, save_checkpoint
-from smolcluster.config import Config, diff_fingerprints
+from smolcluster.config import Config
 from smolcluster.devices import describe
-from smolcluster.drift import Digest, digest
+from smolcluster.drift import Digest
 from smolcluster.errors import ClusterError
 from smolcluster.faults import Fault
 from smolcluster.hub import Hub, Peer
+from smolcluster.lead import Lead
 from smolcluster.partition import layout
 from smolcluster.web import Board, serve
 
@@ -40,15 +39,15 @@ if TYPE_CHECKING:
     from smolcluster.api import Job
 from smolcluster.members import Membership
 from smolcluster.progress import Progress
-from smolcluster.results import Counters, headline, save_model, step_ms_stats, write_summary
+from smolcluster.results import Counters, headline
 from smolcluster.rollback import Snapshot, replica_finite
 from smolcluster.tracking import group_name, start_tracker
 from smolcluster.replica import usable_replica
-from smolcluster.train import apply_average, learning_rate, make_loss, metrics
-from smolcluster.wire import DType, MsgType
+from smolcluster.train import apply_average, learning_rate, make_loss
+from smolcluster.wire import MsgType
 
 
-class Server(Membership):
+class Server(Membership, Lead):
     def __init__(self, cfg: Config, *, resume: bool = False, insecure: bool = False,
                  faults: list[Fault] | None = None, job: Job | None = None) -> None:
         self.cfg, self.job = cfg, job
@@ -145,19 +144,6 @@ class Server(Membership):
             return int(c.max_send_queue_mb * 2**20)
         return max(16 << 20, 4 * sum(self.avg.nbytes))
 
-    def _resume(self) -> None:
-        root = Path(self.cfg.training.out_dir) / "checkpoints"
-        ckpt = load_checkpoint(root, self.flat, self.optimizer)
-        diffs = diff_fingerprints(self.fingerprint, ckpt.info.get("fingerprint", {}))
-        if diffs:
-            raise ClusterError(f"checkpoint in {root} is from another job: " + "; ".join(diffs[:5]))
-        self.step = ckpt.step
-        self.evals = ckpt.info.get("evals", [])
-        known = {f.name for f in dataclasses.fields(Counters)}
-        saved = ckpt.info.get("counters", {})
-        self.counters = Counters(**{k: int(v) for k, v in saved.items() if k in known and isinstance(v, int)})
-        logger.info(f"resuming from {root} at step {self.step}/{self.total_steps}")
-
     # --- connections (called by the hub) ----------------------------------------------------
 
     def _collect(self) -> list[Peer]:
@@ -253,23 +239,6 @@ class Server(Membership):
         self.checksums[self.resync_step - 1] = self._digest()  # what their acknowledgements must match
         self._send_replica([p for p in self.workers.values() if p.synced], self.resync_step)
 
-    def _evaluate(self) -> dict[str, float]:
-        """The test metrics that fit the task: loss and accuracy, or loss and bits per character;
-        with the training time so far (evaluations left out) and the bytes moved, also appended
-        to out_dir/evals.jsonl as they come (time to accuracy, read while the run goes on)."""
-        t0 = time.monotonic()
-        measured = metrics(self.model, self.test, self.meta.task, self.loss)
-        result = {"step": self.step + 1, "epoch": round((self.step + 1) / self.steps_per_epoch, 3),
-                  **{f"test_{k}": v for k, v in measured.items()},
-                  "time_s": round(t0 - self.t_train - self.eval_s, 3), "bytes": self.bytes_moved}
-        self.eval_s += time.monotonic() - t0
-        self.evals.append(result)
-        self.board.evaluation(result)
-        with open(Path(self.cfg.training.out_dir) / "evals.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(result) + "\n")
-        logger.info(f"step {self.step + 1}/{self.total_steps}: {headline(result, loss=True)}")
-        return result
-
     def _train_step(self) -> dict[str, Any]:
         """One step: collect, average, broadcast, apply; returns its metrics (also sent to the tracker)."""
         c, t = self.cfg.cluster, self.cfg.training
@@ -338,14 +307,6 @@ class Server(Membership):
                          "samples": self.samples_done},
                         dataclasses.asdict(self.counters),
                         {"step": self.step + 1, "loss": self.flat.loss, "step_s": round(step_s, 6)})
-
-    def _checkpoint(self) -> None:
-        root = Path(self.cfg.training.out_dir) / "checkpoints"
-        info = {"epoch": (self.step + 1) / self.steps_per_epoch, "fingerprint": self.fingerprint,
-                "evals": self.evals, "counters": dataclasses.asdict(self.counters)}
-        path = save_checkpoint(root, self.flat, self.optimizer, self.step + 1, info, self.cfg.cluster.keep_checkpoints)
-        logger.info(f"step {self.step + 1}: checkpoint written to {path}")
-        self.board.event("checkpoint", f"step {self.step + 1}: checkpoint {path.name}")
 
     def _inject(self) -> None:
         fault = self.faults.get(self.step)
@@ -418,44 +379,10 @@ class Server(Membership):
         if missing:
             logger.warning(f"workers {missing} sent no final checksum; their replicas are unverified")
 
-    def _save(self, summary: dict[str, Any]) -> None:
-        out = Path(self.cfg.training.out_dir)
-        save_model(self.model, self.cfg.model, out / "model.safetensors", {
-            "smolcluster.dataset": json.dumps(dataclasses.asdict(self.cfg.dataset)),
-            "smolcluster.seed": str(self.cfg.cluster.seed),
-        }, meta=self.meta)
-        write_summary(summary, out / "summary.json")
-
     def _summary(self, final: dict[str, float], wall_s: float, train_s: float, steps_run: int) -> dict[str, Any]:
         t = self.cfg.training
         samples = steps_run * sum(b * h for b, h in zip(self.layout.batches, self.layout.local_steps))
-        return {
-            **{k: v for k, v in final.items() if k.startswith("test_")},
-            "task": self.meta.task,
-            "steps": self.total_steps,
-            "epochs": self.total_steps / self.steps_per_epoch,
-            "workers": self.cfg.cluster.num_workers,
-            "wall_s": round(wall_s, 3),
-            "train_s": round(train_s, 3),
-            "samples_per_s": round(samples / max(train_s, 1e-9), 1),
-            "step_ms": step_ms_stats(self.step_times),
-            "bytes_moved": self.bytes_moved,
-            "late_gradients": self.counters.late,
-            "nonfinite_gradients": self.counters.nonfinite,
-            "outlier_gradients": self.counters.outliers,
-            "rollbacks": self.counters.rollbacks,
-            "workers_dropped": self.counters.dropped,
-            "workers_rejoined": self.counters.rejoined,
-            "connections_refused": self.counters.refused,
-            "connections_shed": self.hub.admission.shed_total,
-            "replica_mismatches": self.counters.replica_mismatches,
-            "drift_resyncs": self.counters.drift_resyncs,
-            "periodic_resyncs": self.counters.periodic_resyncs,
-            "devices": self.devices,
-            **({"balance": {"s_per_sample": {str(k): v for k, v in self.speeds.items()},
-                            "plans": {str(k): v for k, v in self.plans.items()}}} if t.balance else {}),
-            "replicas_verified": sorted(self.final_acks),
-            "evals": self.evals,
-            "checksum": self.flat.checksum(),
-            "config": self.cfg.to_dict(),
-        }
+        balance = {"balance": {"s_per_sample": {str(k): v for k, v in self.speeds.items()},
+                               "plans": {str(k): v for k, v in self.plans.items()}}} if t.balance else {}
+        return self._summary_of(final, wall_s, train_s, samples, connections_shed=self.hub.admission.shed_total,
+                                **balance, replicas_verified=sorted(self.final_acks))
