@@ -17,7 +17,7 @@ less only while N < 4 (bf16/fp16) or N < 8 (int8): for more ranks a gather of ev
 like the parameter server's star, grows with N. "none" and "fp32" register nothing: DDP's allreduce.
 
 Error bound: with t_r = rank r's gradient + its residual, the applied average a of N ranks obeys,
-per element, |a - mean_r t_r| <= mean_r E_r + 2^-24 |sum_r t_r| / N (the float32 sum), where E_r is
+per element, |a - mean_r t_r| <= mean_r E_r + (N - 1) 2^-24 mean_r |t_r| (the float32 sum), where E_r is
 the codec's bound for t_r (compress.py): bf16 2^-8 |t_r| (2^-134 for subnormal t_r), fp16 2^-11
 |t_r| for 2^-14 <= |t_r| <= 65504 (2^-25 below; clamped above), int8 scale_r / 2 of the element's
 chunk, scale_r = max|t_r| over the chunk / 127 (chunks of `chunk` elements counted from the start of
@@ -155,7 +155,8 @@ def register(ddp: DistributedDataParallel, compression: str, error_feedback: boo
     Call before the first backward; DDP takes one comm hook per model.
     """
     if compression not in UNCOMPRESSED + NAMES:
-        raise ValueError(f"compression: expected one of {', '.join(dict.fromkeys(UNCOMPRESSED + NAMES))}, got {compression!r}")
+        known = ", ".join(dict.fromkeys(UNCOMPRESSED + NAMES))
+        raise ValueError(f"compression: expected one of {known}, got {compression!r}")
     if compression in UNCOMPRESSED:
         logger.info("ddp: no compression hook, gradients go through DDP's fp32 allreduce")
         return
