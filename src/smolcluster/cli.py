@@ -57,6 +57,12 @@ def _shortcut_overrides(args: argparse.Namespace) -> list[str]:
     return out + args.overrides
 
 
+def _torchrun_id() -> str:
+    """The worker id torchrun's environment gives (RANK + 1), for the log's prefix."""
+    rank = os.environ.get("RANK", "")
+    return str(int(rank) + 1) if rank.isdigit() else "?"
+
+
 def _load(args: argparse.Namespace, job: Job | None = None) -> tuple[Config, list[str]]:
     """The validated config, and the flags that reproduce it in a child process (a Job's own
     overrides come first; its children rebuild the job, so they are not passed on)."""
@@ -90,7 +96,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--fault", action="append", default=[], metavar="STEP:kill", help="inject a crash (testing)")
     _config_args(s)
     w = sub.add_parser("worker", help="run one worker", epilog=EPILOG)
-    w.add_argument("--id", type=int, required=True, metavar="K", help="worker id, 1..num_workers")
+    w.add_argument("--id", type=int, metavar="K",
+                   help="worker id, 1..num_workers (under torchrun: from its environment, RANK + 1)")
+    w.add_argument("--resume", action="store_true",
+                   help="cluster.backend torch: worker 1 (rank 0) continues from the last checkpoint in "
+                        "out_dir/checkpoints (the ps backend's server takes --resume instead)")
     w.add_argument("--host", metavar="NAME", help="this machine's name in a host_ip map (default: hostname)")
     w.add_argument("--fault", action="append", default=[], metavar="STEP:KIND[:ARG]",
                    help="inject a fault (testing): sleep:S, exit, kill, disconnect, garbage, nan")
@@ -98,6 +108,7 @@ def parser() -> argparse.ArgumentParser:
     _config_args(w)
     r = sub.add_parser("run", help="run a server and N workers on this machine (the default job)",
                        description=RUN_DOC, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    r.add_argument("--resume", action="store_true", help="continue from the last checkpoint in out_dir/checkpoints")
     _config_args(r)
     e = sub.add_parser("eval", help="evaluate a saved model.safetensors on the test set", epilog=EPILOG)
     e.add_argument("model_path", metavar="MODEL", help="path to model.safetensors")
@@ -168,7 +179,7 @@ exit status: 0 done; 1 a process failed (run names it and stops the rest); 2 con
 def main(argv: list[str] | None = None, job: Job | None = None) -> int:
     """The CLI; with a `Job` (smolcluster.api), the job's model, data and loss replace the config's."""
     args = parser().parse_args(argv)
-    role = {"worker": f"worker {getattr(args, 'id', '')}"}.get(args.command, args.command)
+    role = {"worker": f"worker {getattr(args, 'id', None) or _torchrun_id()}"}.get(args.command, args.command)
     log.setup(role, args.log_level)
     try:
         if args.command == "sample":  # reads a model file, not the configs
@@ -194,6 +205,9 @@ def _server(args: argparse.Namespace, cfg: Config, _: list[str], job: Job | None
     from smolcluster.runner import watch_parent
     from smolcluster.server import Server
 
+    if cfg.cluster.backend == "torch":
+        raise ConfigError("cluster.backend is torch: there is no server; start the workers "
+                          "(worker 1 holds the rendezvous at host_ip:port), or use `smolcluster run`")
     watch_parent()
     summary = Server(cfg, resume=args.resume, insecure=args.insecure, faults=_faults(args.fault), job=job).run()
     from smolcluster.results import headline
@@ -212,11 +226,31 @@ def _faults(texts: list[str]) -> list:
 
 
 def _worker(args: argparse.Namespace, cfg: Config, _: list[str], job: Job | None = None) -> int:
+    from smolcluster.rendezvous import from_torchrun
     from smolcluster.runner import watch_parent
-    from smolcluster.worker import Worker
 
     watch_parent()
     save = Path(args.save_params) if args.save_params else None
+    if cfg.cluster.backend == "ps" and from_torchrun() is not None:
+        logger.info("started by torchrun (RANK and WORLD_SIZE are set): using cluster.backend torch")
+        cfg = cfg.replace("cluster", backend="torch")
+    if cfg.cluster.backend == "torch":
+        from smolcluster.ddp import Rank
+
+        if args.fault:
+            raise ConfigError("--fault: injected faults exist on cluster.backend ps only")
+        done = Rank(cfg, args.id, host=args.host, job=job, resume=args.resume, save_params=save).run()
+        if done:
+            from smolcluster.results import headline
+
+            print(headline(done), flush=True)
+        return 0
+    from smolcluster.worker import Worker
+
+    if args.id is None:
+        raise ConfigError("--id: which worker this is, 1..num_workers")
+    if args.resume:
+        raise ConfigError("--resume: on cluster.backend ps the server resumes (smolcluster server --resume)")
     Worker(cfg, args.id, host=args.host, faults=_faults(args.fault), save_params=save, job=job).run()
     return 0
 
@@ -227,7 +261,7 @@ def _run(args: argparse.Namespace, cfg: Config, passthrough: list[str], job: Job
     # The port is this local cluster's own business: a free one, unless asked for by --set.
     explicit = any(o.partition("=")[0].strip() == "cluster.port" for o in args.overrides)
     code = run_local(cfg, passthrough, port=cfg.cluster.port if explicit else None,
-                     program=job.program if job else None)
+                     program=job.program if job else None, resume=args.resume)
     summary_path = Path(cfg.training.out_dir) / "summary.json"
     if code == 0 and summary_path.exists():
         from smolcluster.results import headline

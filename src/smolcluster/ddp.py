@@ -22,6 +22,7 @@ close, or when a collective times out after cluster.worker_timeout); restart eve
 
 from __future__ import annotations
 
+import inspect
 import socket
 import time
 from pathlib import Path
@@ -185,8 +186,12 @@ class Rank(Lead):
         ids = [self.device.index] if self.device.type == "cuda" else None
         # gradient_as_bucket_view=False: DDP copies each averaged bucket into .grad, which stays a
         # view of the flat buffer that checksums, checkpoints and the optimizer see.
-        ddp = DistributedDataParallel(self.model, device_ids=ids, broadcast_buffers=False,
-                                      bucket_cap_mb=c.bucket_mb, gradient_as_bucket_view=False)
+        # BatchNorm statistics are averaged by us after each step (like the server), not broadcast
+        # from rank 0 at each forward; newer torch names that switch forward_sync_buffers.
+        names = inspect.signature(DistributedDataParallel.__init__).parameters
+        buffers = {"forward_sync_buffers" if "forward_sync_buffers" in names else "broadcast_buffers": False}
+        ddp = DistributedDataParallel(self.model, device_ids=ids, bucket_cap_mb=c.bucket_mb,
+                                      gradient_as_bucket_view=False, **buffers)
         if c.compression != "fp32" or self.device.type not in ("cpu", "cuda"):
             from smolcluster import ddp_hooks
 

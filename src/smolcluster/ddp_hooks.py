@@ -69,17 +69,19 @@ class _Slot:
     decoded: torch.Tensor
     total: torch.Tensor
     gathered: torch.Tensor
-    """Every rank's payload, rank after rank, on the bucket's device."""
+    """Every rank's payload, rank after rank, on the device the exchange runs on."""
 
 
 class HookState:
     """What the hook keeps between steps: a slot per bucket index, and where each parameter's residual lives."""
 
     def __init__(self, compression: str, error_feedback: bool = True, chunk: int = DEFAULT_CHUNK,
-                 group: dist.ProcessGroup | None = None) -> None:
+                 group: dist.ProcessGroup | None = None, host: bool = False) -> None:
         if compression not in NAMES or compression in UNCOMPRESSED:
             raise ValueError(f"compression hook: expected one of bf16, fp16, int8, got {compression!r}")
         self.compression, self.chunk, self.error_feedback, self.group = compression, chunk, error_feedback, group
+        self.host = host
+        """Exchange through CPU tensors whatever the bucket's device (gloo with an MPS model)."""
         make_codec(compression, chunk)  # a bad chunk fails here, not in the middle of backward
         self.slots: dict[int, _Slot] = {}
         self.residual_of: dict[int, torch.Tensor] = {}
@@ -101,7 +103,8 @@ class HookState:
                      f"residual carried over for {carried} of them")
         nbytes = encoder.codec.payload_nbytes(numel)
         return _Slot(layout, encoder, make_codec(self.compression, self.chunk), torch.empty(numel), torch.empty(numel),
-                     torch.empty(dist.get_world_size(self.group) * nbytes, dtype=torch.uint8, device=buffer.device))
+                     torch.empty(dist.get_world_size(self.group) * nbytes, dtype=torch.uint8,
+                                 device="cpu" if self.host else buffer.device))
 
     def _adopt(self, residual: torch.Tensor, layout: tuple[int, ...], sizes: list[int]) -> int:
         """Move each parameter's residual from the bucket that held it before DDP rebuilt its buckets.
@@ -128,7 +131,7 @@ def compress_hook(state: HookState, bucket: dist.GradBucket) -> torch.futures.Fu
     buffer = bucket.buffer()
     slot = state.slot(bucket)
     local = buffer.detach().reshape(-1).to("cpu", torch.float32)  # no copy for a float32 CPU bucket
-    payload = torch.frombuffer(slot.encoder.encode(local), dtype=torch.uint8).to(buffer.device)
+    payload = torch.frombuffer(slot.encoder.encode(local), dtype=torch.uint8).to(slot.gathered.device)
     work = dist.all_gather_into_tensor(slot.gathered, payload, group=state.group, async_op=True)
     nbytes, world = payload.numel(), slot.gathered.numel() // payload.numel()
 
@@ -145,22 +148,44 @@ def compress_hook(state: HookState, bucket: dist.GradBucket) -> torch.futures.Fu
     return work.get_future().then(average)
 
 
+def host_hook(group: dist.ProcessGroup, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """DDP's fp32 average through CPU memory: gloo takes CPU tensors only, and an Apple-silicon
+    GPU (MPS) has no collective library of its own."""
+    buffer = bucket.buffer()
+    host = buffer.detach().to("cpu", torch.float32)
+    work = dist.all_reduce(host, group=group, async_op=True)
+    world = dist.get_world_size(group)
+
+    def back(fut: torch.futures.Future[list[torch.Tensor]]) -> torch.Tensor:
+        fut.value()
+        buffer.copy_(host.div_(world).view_as(buffer))
+        return buffer
+
+    return work.get_future().then(back)
+
+
 def register(ddp: DistributedDataParallel, compression: str, error_feedback: bool = True,
-             chunk: int = DEFAULT_CHUNK) -> None:
+             chunk: int = DEFAULT_CHUNK, host: bool = False) -> None:
     """Make `ddp` exchange gradients with our codec `compression` (a `cluster.compression` value).
 
     :param compression: "none" or "fp32" (DDP's own allreduce: nothing registered), "bf16", "fp16", "int8".
     :param error_feedback: keep each rank's rounding error and send it with the next step.
     :param chunk: int8 elements per scale, counted from the start of each bucket.
+    :param host: exchange through CPU tensors (gloo) even if the model is on a GPU (MPS).
     Call before the first backward; DDP takes one comm hook per model.
     """
     if compression not in UNCOMPRESSED + NAMES:
         known = ", ".join(dict.fromkeys(UNCOMPRESSED + NAMES))
         raise ValueError(f"compression: expected one of {known}, got {compression!r}")
+    on_device = next((p.device.type for p in ddp.module.parameters()), "cpu") != "cpu"
+    if compression in UNCOMPRESSED and host and on_device:
+        ddp.register_comm_hook(ddp.process_group, host_hook)
+        logger.info("ddp: gradients averaged in fp32 through CPU memory (gloo)")
+        return
     if compression in UNCOMPRESSED:
         logger.info("ddp: no compression hook, gradients go through DDP's fp32 allreduce")
         return
-    state = HookState(compression, error_feedback, chunk, ddp.process_group)
+    state = HookState(compression, error_feedback, chunk, ddp.process_group, host)
     ddp.register_comm_hook(state, compress_hook)
     logger.info(f"ddp: gradients exchanged as {compression}"
                 + (f" (chunk {chunk})" if compression == "int8" else "")

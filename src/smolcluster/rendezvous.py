@@ -125,9 +125,9 @@ def open_store(c: ClusterConfig, launch: Launch) -> Any:
             raise WorkerError(f"cannot hold the rendezvous at {launch.address}:{launch.port} ({e.strerror or e}); "
                               "is another run on that port? (cluster.port)") from None
         sock.listen(128)
+        # The store serves on this socket from now on, and closes it: Python lets go of it.
         store = TCPStore(launch.address, launch.port, launch.world, True, wait, wait_for_workers=False,
-                         master_listen_fd=sock.fileno())
-        store._smolcluster_socket = sock  # type: ignore[attr-defined]  # the store serves on it: keep it open
+                         master_listen_fd=sock.detach())
         logger.info(f"holding the rendezvous at {launch.address}:{launch.port} for {launch.world} ranks")
         return PrefixStore(PREFIX, store)
     deadline = time.monotonic() + c.connect_timeout

@@ -89,7 +89,8 @@ def build_replica(cfg: Config, model_factory: ModelFactory | None = None, meta: 
 
 
 def usable_replica(cfg: Config, model_factory: ModelFactory | None, meta: DataMeta | None,
-                   sample: tuple[torch.Tensor, torch.Tensor], loss: Callable[..., torch.Tensor]) -> Replica:
+                   sample: tuple[torch.Tensor, torch.Tensor], loss: Callable[..., torch.Tensor],
+                   device: torch.device | None = None) -> Replica:
     """`build_replica`, on the CPU instead (with one log line) if the device lacks an operation the
     model needs: MPS does not implement every op, and the alternative is a crash at step 0.
     PYTORCH_ENABLE_MPS_FALLBACK=1 (the user's to set, never ours) runs just that op on the CPU."""
@@ -98,7 +99,7 @@ def usable_replica(cfg: Config, model_factory: ModelFactory | None, meta: DataMe
 
     from smolcluster.devices import lacks_op
 
-    replica = build_replica(cfg, model_factory, meta)
+    replica = build_replica(cfg, model_factory, meta, device)
     if replica.device.type == "cpu":
         return replica
     flat = replica.flat

@@ -153,8 +153,10 @@ class PortInUse(OSError):
     """The port asked for with `--set cluster.port=N` is taken."""
 
 
-def run_local(cfg: Config, config_args: list[str], port: int | None = None, program: list[str] | None = None) -> int:
-    """Start and supervise the cluster; returns the exit code for the shell.
+def run_local(cfg: Config, config_args: list[str], port: int | None = None, program: list[str] | None = None,
+              resume: bool = False) -> int:
+    """Start and supervise the cluster; returns the exit code for the shell. `resume`: go on from
+    the last checkpoint in out_dir/checkpoints (the server's --resume; rank 0's on the torch backend).
 
     `port`: the one to use (it must be free); default: any free port, so that two local runs, or
     a run beside a real server on the default port, never meet. `program`: the command that is
@@ -171,28 +173,32 @@ def run_local(cfg: Config, config_args: list[str], port: int | None = None, prog
         raise PortInUse(f"port {port} on 127.0.0.1 is in use (another server?); choose another "
                         "cluster.port, or leave it unset and `run` picks a free one")
     threads = t.threads or max(1, (os.cpu_count() or 1) // c.num_workers)
-    http = [] if not c.http_port else ["--set", f"cluster.http_port={free_port()}"]  # two runs never meet
+    torch_backend = c.backend == "torch"  # no server: worker 1 (rank 0) holds the rendezvous and leads
+    http = [] if not c.http_port or torch_backend else ["--set", f"cluster.http_port={free_port()}"]
     common = [
         *config_args, *http, "--set", f"cluster.port={port}", "--set", "cluster.host_ip=127.0.0.1",
         "--set", "cluster.bind=127.0.0.1", "--set", f"training.threads={threads}",
     ]
     out = Path(t.out_dir)
     (out / "logs").mkdir(parents=True, exist_ok=True)
+    resume = ["--resume"] if resume else []
     # A token of this run's own: a worker can then only ever join its own server, even if another
     # process takes the port in the seconds before this server binds it.
     env = {**os.environ, "SMOLCLUSTER_PROGRESS": "json", "SMOLCLUSTER_PARENT_PID": str(os.getpid()),
            "PYTHONUNBUFFERED": "1", "SMOLCLUSTER_TOKEN": secrets.token_hex(16)}
     base = program or [sys.executable, "-m", "smolcluster"]  # a Job's own script runs as its processes
-    logger.info(f"starting a local cluster: 1 server + {c.num_workers} workers on 127.0.0.1:{port}, logs in {out / 'logs'}")
+    who = f"{c.num_workers} torch.distributed ranks" if torch_backend else f"1 server + {c.num_workers} workers"
+    logger.info(f"starting a local cluster: {who} on 127.0.0.1:{port}, logs in {out / 'logs'}")
     if http:
         logger.info(f"dashboard: http://{c.http_bind}:{http[1].split('=')[1]}/")
     children: list[Child] = []
     previous = {sig: signal.signal(sig, _raise_stopped) for sig in STOP_SIGNALS}
     try:
-        children.append(Child("server", [*base, "server", *common], env, out / "logs" / "server.log", 0))
+        if not torch_backend:
+            children.append(Child("server", [*base, "server", *resume, *common], env, out / "logs" / "server.log", 0))
         for k in range(1, c.num_workers + 1):
-            children.append(Child(f"worker {k}", [*base, "worker", "--id", str(k), *common], env,
-                                  out / "logs" / f"worker-{k}.log", k))
+            children.append(Child(f"worker {k}", [*base, "worker", "--id", str(k), *(resume if torch_backend else []),
+                                                  *common], env, out / "logs" / f"worker-{k}.log", k - torch_backend))
         return _supervise(children, out)
     except KeyboardInterrupt as e:
         signum = getattr(e, "signum", signal.SIGINT)
@@ -209,7 +215,7 @@ def run_local(cfg: Config, config_args: list[str], port: int | None = None, prog
 
 
 def _supervise(children: list[Child], out: Path) -> int:
-    server = children[0]
+    server = children[0]  # the server, or on the torch backend worker 1: it leads, and ends the run
     while True:
         for child in children:
             code = child.proc.poll()
