@@ -151,9 +151,9 @@ One line per process, fields separated by one space, '-' where a field is unset:
   server 0 mini1 192.168.1.10 alice - /Users/alice/.ssh/id_ed25519 smolcluster - -
   worker 1 mini2 192.168.1.11 alice - /Users/alice/.ssh/id_ed25519 smolcluster - -
 
-ROLE is server or worker, ID the worker id (0 for the server), NAME the host name from the cluster
-config, the rest comes from its `ssh` section (KEY with ~ expanded). launch.sh reads this so that it
-never parses YAML itself.
+ROLE is server or worker, ID the worker id (0 for the server; with cluster.backend torch there is
+no server line: worker 1 leads), NAME the host name from the cluster config, the rest comes from
+its `ssh` section (KEY with ~ expanded). launch.sh reads this so that it never parses YAML itself.
 """
 
 

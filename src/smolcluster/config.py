@@ -275,8 +275,8 @@ class ClusterConfig:
         """(role, worker id (0: server), host name, how to reach it) for every process launch.sh starts."""
         if not self.workers:
             raise ConfigError("workers: launch.sh needs the list of worker host names (ids 1..N in list order)")
-        procs = [("server", 0, self.server, "server"),
-                 *(("worker", k, name, f"workers[{k - 1}]") for k, name in enumerate(self.workers, 1))]
+        server = [("server", 0, self.server, "server")] if self.backend == "ps" else []  # torch: worker 1 leads
+        procs = [*server, *(("worker", k, name, f"workers[{k - 1}]") for k, name in enumerate(self.workers, 1))]
         fallback = self.ssh.get("default", SshHost())
         out = []
         for role, k, name, key in procs:

@@ -131,6 +131,8 @@ class Rank(Lead):
             run = {"wandb_group": group_name(self.cfg), "start": self.step}
         hello = {"host": socket.gethostname(), "device": describe(self.device)}
         got = rendezvous.admit(store, c, self.launch, self.token, self.fingerprint, hello, run)
+        logger.info(f"joined the rendezvous at {self.launch.address}:{self.launch.port} as rank {self.rank} "
+                    f"of {self.world}")
         if self.leads:
             self.devices = {f"worker {r + 1}": str(v.get("device", "?")) for r, v in sorted(got["ranks"].items())}
         self.tracker = start_tracker(self.cfg, f"worker-{self.id}", got.get("wandb_group"), device=describe(self.device))

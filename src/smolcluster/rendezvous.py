@@ -197,10 +197,10 @@ def admit(store: Any, c: ClusterConfig, launch: Launch, token: bytes | None, fin
     proof = auth.proof(token, "torch-rank", lead_nonce, mine, launch.rank + 1) if token is not None else None
     _put(store, f"hello/{launch.rank}", {**hello, "nonce": mine, "proof": proof, "fingerprint": fingerprint})
     verdict = _get(store, f"verdict/{launch.rank}", c.join_timeout, "worker 1's verdict on this rank")
+    if not verdict.get("ok"):
+        raise ClusterError(f"worker 1 (rank 0) refused this rank: {str(verdict.get('reason', '?'))[:500]}")
     if token is not None and not auth.verify(token, verdict.get("proof"), "torch-lead", lead_nonce, mine, launch.rank + 1):
         raise ClusterError("worker 1 (rank 0) could not prove it holds the cluster token: another cluster on this port?")
-    if not verdict.get("ok"):
-        raise ClusterError(f"worker 1 (rank 0) refused this rank: {verdict.get('reason', '?')}")
     run = lead.get("run")
     return run if isinstance(run, dict) else {}
 
