@@ -366,7 +366,7 @@ def _hosts(args: argparse.Namespace, cfg: Config, _: list[str], job: Job | None 
         procs = c.launch_hosts()
     except ConfigError as e:
         raise ConfigError(f"{args.cluster_config or DEFAULT_CLUSTER}: {e}") from None
-    unused = sorted(set(c.ssh) - {name for _, _, name, _ in procs} - {"default"})
+    unused = sorted(set(c.ssh) - {name for _, _, name, _ in procs} - {"default", c.server})  # torch: no server
     if unused:
         logger.warning(f"ssh: entries {unused} are neither the server ({c.server}) nor a worker {c.workers}")
     for role, k, name, h in procs:

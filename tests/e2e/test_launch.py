@@ -225,6 +225,21 @@ def test_up_wait_status_logs_down(site, tmp_path):
     assert site.ours() == []
 
 
+def test_up_wait_logs_down_on_the_torch_backend(site, tmp_path):
+    """No server: worker 1 (rank 0) holds the rendezvous, leads, and writes the result."""
+    out = site.up("--set", "cluster.backend=torch")
+    assert "server on alpha" not in out, out
+    for proc, host in (("worker-1", "beta"), ("worker-2", "gamma")):
+        assert f"{proc} on {host}: joined the rendezvous at 127.0.0.1:" in out, out
+    out = site.ok("wait", "--timeout", "90")
+    assert out.count("exited 0") == 2 and "server on alpha" not in out, out
+    site.ok("logs", str(tmp_path / "logs"))
+    assert "test accuracy:" in (tmp_path / "logs" / "worker-1.log").read_text()
+    assert not (tmp_path / "logs" / "server.log").exists()
+    site.ok("down")
+    assert site.ours() == []
+
+
 def test_down_stops_a_running_cluster_and_secrets_travel_only_on_stdin(site):
     with Watch(site.root) as watch:
         site.up("--set", "training.num_epochs=100000")
