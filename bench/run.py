@@ -26,7 +26,7 @@ from bench.matrix import (LINKS, MODELS, VARIANTS, Link, Variant, WireBytes, ddp
 from bench.netns import LOOPBACK, Hosts, Star
 from bench.procs import REPO, BenchError, Group
 
-SYSTEMS = ("single", "ddp", "pickle", "smolcluster")
+SYSTEMS = ("single", "ddp", "torch", "pickle", "smolcluster")
 QUICK = {"models": "SimpleNN", "workers": "2", "repeats": 1, "steps": 12, "dataset": "synthetic",
          "links": "1gbit", "link_steps": 11}
 """What --quick changes: the smallest case of everything, one launch each."""
@@ -179,6 +179,8 @@ class Bench:
             cases.append(self._single(model, n))
         if "ddp" in plan.systems:
             cases.append(self._ddp(model, n, params, ov, None))
+        if "torch" in plan.systems:
+            cases.append(self._torch(model, n, params, ov))
         if "pickle" in plan.systems:
             cases.append(self._pickle(model, n, ov, None))
         cases += [self._smol(model, n, params, v, ov, None) for v in variants]
@@ -223,6 +225,16 @@ class Bench:
         steps, timeout = _max_steps(ov), self.plan.timeout_s
         return self._add(row, lambda group: {"step_ms": _stats(self._placed(
             link, n, lambda hosts: ddp.run(group, ov, n, steps, timeout, hosts)))})
+
+    def _torch(self, model: str, n: int, params: int, ov: list[str]) -> tuple[Row, Measure]:
+        """smolcluster's torch backend (DDP under our CLI, data and checkpoints), on loopback."""
+        row = Row(model, n, "smolcluster torch", "loopback", self.plan.batch, ddp_bytes(params, n))
+
+        def measure(group: Group) -> dict[str, Any]:
+            summary = smol.run_torch(group, ov, n, self.plan.timeout_s)
+            return {"step_ms": summary["step_ms"], "samples_per_s": summary["samples_per_s"]}
+
+        return self._add(row, measure)
 
     def _pickle(self, model: str, n: int, ov: list[str], link: Link | None) -> tuple[Row, Measure]:
         row = Row(model, n, "pickle-ps", link.name if link else "loopback", self.plan.batch)

@@ -63,3 +63,23 @@ def start(group: Group, overrides: list[str], workers: int, link: LinkSpec | Non
         group.spawn(names[-1], [*hosts.prefix(k), *python("-m", "smolcluster", "worker", "--id", str(k), *set_flags(
             [*common, *worker_set, f"cluster.port={worker_port}"]))], env=env)
     return names, Path(out)
+
+
+def run_torch(group: Group, overrides: list[str], workers: int, timeout_s: float) -> dict[str, Any]:
+    """smolcluster on its torch backend (cluster.backend=torch): N `smolcluster worker` ranks on
+    loopback and no server; rank 0 (worker 1) writes summary.json, whose step_ms it timed itself,
+    as DDP's rank 0 times the baseline's."""
+    from smolcluster.runner import free_port
+
+    out = group.logs / "smolcluster-torch-out"
+    common = [*overrides, f"training.out_dir={out}", "cluster.host_ip=127.0.0.1", "cluster.backend=torch",
+              f"cluster.port={free_port()}"]
+    env = child_env(**{TOKEN_ENV: secrets.token_hex(16)})
+    names = [f"torch-rank{k - 1}" for k in range(1, workers + 1)]
+    for k, name in enumerate(names, 1):
+        group.spawn(name, python("-m", "smolcluster", "worker", "--id", str(k), *set_flags(common)), env=env)
+    group.wait(names, timeout_s)
+    summary = out / "summary.json"
+    if not summary.exists():
+        raise BenchError(f"rank 0 wrote no {summary}:\n{group.tail('torch-rank0')}")
+    return json.loads(summary.read_text())

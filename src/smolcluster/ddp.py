@@ -124,6 +124,7 @@ class Rank(Lead):
         store = rendezvous.open_store(c, self.launch)
         run: dict[str, Any] = {}
         if self.leads:
+            Path(self.cfg.training.out_dir).mkdir(parents=True, exist_ok=True)
             if self.resume:
                 self._resume()
             else:
