@@ -33,7 +33,7 @@ from loguru import logger
 
 from smolcluster import auth, data, rendezvous
 from smolcluster.checkpoint import decode_state, encode_state
-from smolcluster.config import Config
+from smolcluster.config import ClusterConfig, Config
 from smolcluster.devices import batch_to, describe, resolve
 from smolcluster.errors import CheckpointError, ConfigError, WorkerError
 from smolcluster.lead import Lead
@@ -59,6 +59,21 @@ def check_config(cfg: Config) -> None:
                           "the torch backend averages every step (sync)")
     if t.balance:
         raise ConfigError("training.balance: runs on cluster.backend ps only (set dataset.shares by hand on torch)")
+    c = cfg.cluster
+    for key in ("tls_cert", "tls_ca"):
+        if getattr(c, key):
+            raise ConfigError(f"cluster.{key}: TLS is the ps backend's; torch.distributed's gloo and NCCL do not "
+                              "encrypt (cluster.backend torch is for a network you trust)")
+    default = ClusterConfig()
+    ignored = [k for k in PS_ONLY if getattr(c, k) != getattr(default, k)]
+    if ignored:
+        logger.warning(f"cluster.backend torch ignores {', '.join(f'cluster.{k}' for k in ignored)} "
+                       "(the parameter server's keys)")
+
+
+PS_ONLY = ("min_workers", "step_timeout", "reconnect", "checksum_steps", "drift_tolerance", "resync_steps",
+           "outlier_factor", "max_send_queue_mb", "http_linger_s")
+"""Keys that mean something to the parameter server only: on torch they are ignored, with one line."""
 
 
 def rank_device(spec: str, local_rank: int) -> torch.device:
