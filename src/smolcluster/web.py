@@ -6,7 +6,7 @@ is serialised there); a daemon thread answers requests from a copy of it, so a s
 client can only ever cost the HTTP thread. Only GET and HEAD exist; every other method, an unknown
 path or a malformed request gets a 4xx; the standard library bounds request lines and headers
 (64 KiB) and a request has a few seconds to arrive. A port that is taken is logged, and the run
-goes on without HTTP.
+goes on without HTTP. `Handler` and `listen` are shared with `smolcluster serve-model` (serve.py).
 """
 
 from __future__ import annotations
@@ -110,63 +110,89 @@ def prometheus(status: dict[str, Any]) -> bytes:
     return generate_latest(registry)
 
 
-def _page() -> bytes:
-    """The dashboard: one HTML file in the package, its script and styles inline (no CDN)."""
+def page(name: str) -> bytes:
+    """One of the package's HTML pages, its script and styles inline (no CDN)."""
     from importlib.resources import files
 
-    return files("smolcluster").joinpath("dashboard.html").read_bytes()
+    return files("smolcluster").joinpath(name).read_bytes()
 
 
-class _Handler(BaseHTTPRequestHandler):
-    board: Board
+class Handler(BaseHTTPRequestHandler):
+    """What every page smolcluster serves shares: a bounded wait for the request, plain-text
+    refusals, one debug line per request. Methods a subclass does not define get 405."""
+
     timeout = 5.0  # seconds a request has to arrive (a slowloris ties up one thread, briefly)
     server_version = "smolcluster"
-
-    def do_GET(self) -> None:  # noqa: N802 (the standard library's name)
-        path = self.path.split("?", 1)[0]
-        if path in ("/", "/index.html"):
-            return self._send(200, _page(), "text/html; charset=utf-8")
-        if path == "/healthz":
-            return self._send(200, b"ok\n", "text/plain; charset=utf-8")
-        if path == "/api/status":
-            return self._send(200, json.dumps(self.board.snapshot()).encode(), "application/json")
-        if path == "/metrics":
-            from prometheus_client import CONTENT_TYPE_LATEST
-
-            return self._send(200, prometheus(self.board.snapshot()), CONTENT_TYPE_LATEST)
-        self._send(404, b"not found\n", "text/plain; charset=utf-8")
-
-    def do_HEAD(self) -> None:  # noqa: N802
-        self.do_GET()
-
-    def _refuse(self) -> None:
-        self._send(405, b"read-only: GET only\n", "text/plain; charset=utf-8")
-
-    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _refuse  # noqa: N815
+    allowed = "GET, HEAD"
+    """What the 405 answer's Allow header lists."""
 
     def _send(self, code: int, body: bytes, kind: str) -> None:
         self.send_response(code)
         self.send_header("Content-Type", kind)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
+        if code == 405:
+            self.send_header("Allow", self.allowed)
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
+
+    def _text(self, code: int, text: str) -> None:
+        self._send(code, text.encode() + b"\n", "text/plain; charset=utf-8")
+
+    def _refuse(self, why: str = "") -> None:
+        self._text(405, why or f"{self.command} is not served here: {self.allowed} only")
+
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _refuse  # noqa: N815 (the standard library's names)
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the standard library's name)
         logger.debug(f"http {self.address_string()}: {format % args}")
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True  # a request thread never holds up the process's exit
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that hung up mid-answer (or worse) is one debug line, not a traceback on stderr."""
+        import sys
+
+        logger.debug(f"http {client_address[0]}: {sys.exc_info()[1]!r}")
+
+
+def listen(handler: type[Handler], bind: str, port: int) -> ThreadingHTTPServer:
+    """A threaded server on bind:port (0: any free port); OSError if it cannot have the port."""
+    return _Server((bind, port), handler)
+
+
+class _Dashboard(Handler):
+    board: Board
+
+    def do_GET(self) -> None:  # noqa: N802 (the standard library's name)
+        path = self.path.split("?", 1)[0]
+        if path in ("/", "/index.html"):
+            return self._send(200, page("dashboard.html"), "text/html; charset=utf-8")
+        if path == "/healthz":
+            return self._text(200, "ok")
+        if path == "/api/status":
+            return self._send(200, json.dumps(self.board.snapshot()).encode(), "application/json")
+        if path == "/metrics":
+            from prometheus_client import CONTENT_TYPE_LATEST
+
+            return self._send(200, prometheus(self.board.snapshot()), CONTENT_TYPE_LATEST)
+        self._text(404, "not found")
+
+    def do_HEAD(self) -> None:  # noqa: N802
+        self.do_GET()
+
+
 def serve(board: Board, bind: str, port: int) -> ThreadingHTTPServer | None:
     """Start answering on bind:port in a daemon thread; None (logged) if the port cannot be had."""
-    handler = type("Handler", (_Handler,), {"board": board})
     try:
-        httpd = ThreadingHTTPServer((bind, port), handler)
+        httpd = listen(type("Dashboard", (_Dashboard,), {"board": board}), bind, port)
     except OSError as e:
         logger.warning(f"dashboard: cannot listen on {bind}:{port} ({e.strerror or e}); the run goes on without it "
                        "(set cluster.http_port to a free port, or 0 to turn it off)")
         return None
-    httpd.daemon_threads = True
     threading.Thread(target=httpd.serve_forever, daemon=True, name="http").start()
     host, bound = httpd.server_address[:2]
     logger.info(f"dashboard and metrics at http://{host}:{bound}/ (/api/status, /metrics)")
