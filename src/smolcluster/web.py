@@ -35,6 +35,7 @@ class Board:
         self.started = time.time()
         self.cluster: dict[str, Any] = dict(cluster)
         self.workers: dict[str, dict[str, Any]] = {}
+        self._before_late: dict[str, str] = {}
         self.counters: dict[str, int] = {}
         self.history: collections.deque[dict[str, float]] = collections.deque(maxlen=HISTORY)
         self.evals: list[dict[str, Any]] = []
@@ -47,6 +48,23 @@ class Board:
     def worker(self, wid: int, **fields: Any) -> None:
         with self._lock:
             self.workers.setdefault(str(wid), {"id": wid}).update(fields)
+
+    def late(self, wid: int) -> None:
+        """A gradient of this worker's came after its step was averaged: "late" until `on_time`."""
+        with self._lock:
+            row = self.workers.setdefault(str(wid), {"id": wid})
+            if row.get("state") != "late":
+                self._before_late[str(wid)] = row.get("state", "joined")
+                row["state"] = "late"
+
+    def on_time(self, wid: int, **fields: Any) -> None:
+        """This worker's gradient counted in a step: set `fields`, and a late worker is back to
+        the state it had before (joined or rejoined)."""
+        with self._lock:
+            row = self.workers.setdefault(str(wid), {"id": wid})
+            row.update(fields)
+            if row.get("state") == "late":
+                row["state"] = self._before_late.pop(str(wid), "joined")
 
     def step(self, cluster: dict[str, Any], counters: dict[str, int], row: dict[str, float]) -> None:
         with self._lock:
@@ -93,17 +111,24 @@ def prometheus(status: dict[str, Any]) -> bytes:
             for kind, n in sorted(status["counters"].items()):
                 failures.add_metric([kind], n)
             yield failures
-            step_s = GaugeMetricFamily("smolcluster_worker_step_seconds", "A worker's last step time, by part",
+            step_s = GaugeMetricFamily("smolcluster_worker_step_seconds",
+                                       "A worker's step time by part, averaged over about its last second",
                                        labels=["worker", "part"])
+            moved = {d: CounterMetricFamily(f"smolcluster_worker_{d}_bytes", f"Bytes a worker has {d} (as it reports)",
+                                            labels=["worker"]) for d in ("sent", "received")}
             seen = GaugeMetricFamily("smolcluster_worker_last_step", "The last step a worker delivered", labels=["worker"])
             for w in status["workers"]:
                 wid = str(w["id"])
                 seen.add_metric([wid], w.get("last_step", -1))
-                for part in ("compute", "wait"):
-                    if w.get(f"{part}_s") is not None:
-                        step_s.add_metric([wid, part], w[f"{part}_s"])
+                for part, key in (("compute", "compute_s"), ("wait", "wait_s"), ("communicate", "comm_s")):
+                    if w.get(key) is not None:
+                        step_s.add_metric([wid, part], w[key])
+                for direction in ("sent", "received"):
+                    if w.get(f"bytes_{direction}") is not None:
+                        moved[direction].add_metric([wid], w[f"bytes_{direction}"])
             yield step_s
             yield seen
+            yield from moved.values()
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(Collector())  # type: ignore[arg-type]
@@ -199,6 +224,16 @@ def serve(board: Board, bind: str, port: int) -> ThreadingHTTPServer | None:
     return httpd
 
 
+def _worker_numbers(w: dict[str, Any]) -> str:
+    """A worker's step parts (ms per step) and bytes (MB), where it reported them."""
+    out = ""
+    if all(isinstance(w.get(k), (int, float)) for k in ("compute_s", "wait_s", "comm_s")):
+        out += f"  compute {1e3 * w['compute_s']:.1f} / wait {1e3 * w['wait_s']:.1f} / comm {1e3 * w['comm_s']:.1f} ms"
+    if all(isinstance(w.get(k), int) for k in ("bytes_sent", "bytes_received")):
+        out += f"  sent {w['bytes_sent'] / 1e6:.1f} MB, received {w['bytes_received'] / 1e6:.1f} MB"
+    return out
+
+
 def print_status(url: str) -> int:
     """`smolcluster status URL`: the dashboard's state as text, for a terminal over ssh."""
     import urllib.error
@@ -218,7 +253,7 @@ def print_status(url: str) -> int:
           f"loss {c.get('loss', float('nan')):.4f}")
     for w in s["workers"]:
         print(f"  worker {w['id']}: {w.get('state', '?'):8} last step {w.get('last_step', '-')}  "
-              f"{w.get('host', '?')} {w.get('addr', '')}  {w.get('device', '?')}")
+              f"{w.get('host', '?')} {w.get('addr', '')}  {w.get('device', '?')}{_worker_numbers(w)}")
     if s["evals"]:
         last = s["evals"][-1]
         print("  last evaluation: " + ", ".join(f"{k[5:]} {v:.4g}" for k, v in last.items() if k.startswith("test_")))
