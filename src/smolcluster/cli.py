@@ -138,6 +138,8 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     h = sub.add_parser("hosts", help="print the hosts launch.sh starts processes on, one line each",
                        description=HOSTS_DOC, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    h.add_argument("--dashboard", action="store_true",
+                   help="print instead the one line saying where the server's dashboard is (launch.sh status)")
     _config_args(h)
     return p
 
@@ -152,6 +154,10 @@ One line per process, fields separated by one space, '-' where a field is unset:
 ROLE is server or worker, ID the worker id (0 for the server), NAME the host name from the cluster
 config, the rest comes from its `ssh` section (KEY with ~ expanded). launch.sh reads this so that it
 never parses YAML itself.
+
+With --dashboard, one line instead: where the server's dashboard is (cluster.http_port on the
+server host), with the ssh command that reaches it when it listens on 127.0.0.1 there, or that it
+is off.
 """
 
 
@@ -361,6 +367,12 @@ def _hosts(args: argparse.Namespace, cfg: Config, _: list[str], job: Job | None 
         procs = c.launch_hosts()
     except ConfigError as e:
         raise ConfigError(f"{args.cluster_config or DEFAULT_CLUSTER}: {e}") from None
+    if args.dashboard:
+        from smolcluster.web import where_to_look
+
+        _, _, name, server = procs[0]
+        print(where_to_look(c, name, server))
+        return 0
     unused = sorted(set(c.ssh) - {name for _, _, name, _ in procs} - {"default"})
     if unused:
         logger.warning(f"ssh: entries {unused} are neither the server ({c.server}) nor a worker {c.workers}")

@@ -14,12 +14,16 @@ from __future__ import annotations
 import collections
 import copy
 import json
+import os
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loguru import logger
+
+if TYPE_CHECKING:
+    from smolcluster.config import ClusterConfig, SshHost
 
 HISTORY = 2000
 """Steps of loss and step time kept for the charts (older ones are thinned out)."""
@@ -222,6 +226,22 @@ def serve(board: Board, bind: str, port: int) -> ThreadingHTTPServer | None:
     host, bound = httpd.server_address[:2]
     logger.info(f"dashboard and metrics at http://{host}:{bound}/ (/api/status, /metrics)")
     return httpd
+
+
+def where_to_look(c: ClusterConfig, name: str, server: SshHost) -> str:
+    """launch.sh status's last line: the dashboard's URL on the server host `name` (reached over
+    ssh as `server`), and, bound to loopback there (the default), the ssh tunnel that reaches it."""
+    port = c.http_port
+    if not port:
+        return "dashboard: off (cluster.http_port is 0)"
+    if c.http_bind not in ("127.0.0.1", "localhost", "::1"):
+        host = server.address if c.http_bind in ("0.0.0.0", "::", "") else c.http_bind
+        return f"dashboard: http://{host}:{port}/"
+    ssh = ["ssh", "-N", "-L", f"{port}:127.0.0.1:{port}", *(["-p", str(server.port)] if server.port else []),
+           *(["-i", os.path.expanduser(server.key)] if server.key else []),
+           f"{server.user}@{server.address}" if server.user else str(server.address)]
+    return (f"dashboard: on {name} at http://127.0.0.1:{port}/, bound to {c.http_bind} (cluster.http_bind): "
+            f"from here, {' '.join(ssh)} and open http://127.0.0.1:{port}/")
 
 
 def _worker_numbers(w: dict[str, Any]) -> str:
