@@ -1,4 +1,5 @@
-"""web.py: the read-only HTTP side of the server, served for real on a loopback port."""
+"""web.py: the read-only HTTP side of the server, served for real on a loopback port; status.py's
+`smolcluster status` reading it."""
 
 from __future__ import annotations
 
@@ -78,7 +79,7 @@ def test_unknown_paths_and_garbage_get_4xx_and_the_server_keeps_answering(board_
 
 
 def test_status_prints_the_state_and_fails_cleanly_without_a_server(board_url, capsys):
-    from smolcluster.web import print_status
+    from smolcluster.status import print_status
 
     board, url = board_url
     board.worker(2, host="mini2", device="cpu", state="dropped")
@@ -95,7 +96,7 @@ def test_a_taken_port_is_logged_and_nothing_else(board_url):
 
 
 def test_a_workers_step_parts_and_bytes_reach_metrics_and_status(board_url, capsys):
-    from smolcluster.web import print_status
+    from smolcluster.status import print_status
 
     board, url = board_url
     board.worker(1, host="mini1", device="cpu", state="joined")

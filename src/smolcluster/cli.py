@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None, job: Job | None = None) -> int:
         if args.command == "serve-model":  # reads a model file, not the configs
             return _serve_model(args)
         if args.command == "status":  # reads a server's dashboard, not the configs
-            from smolcluster.web import print_status
+            from smolcluster.status import print_status
 
             return print_status(args.url)
         cfg, passthrough = _load(args, job)
@@ -368,7 +368,7 @@ def _hosts(args: argparse.Namespace, cfg: Config, _: list[str], job: Job | None 
     except ConfigError as e:
         raise ConfigError(f"{args.cluster_config or DEFAULT_CLUSTER}: {e}") from None
     if args.dashboard:
-        from smolcluster.web import where_to_look
+        from smolcluster.status import where_to_look
 
         _, _, name, server = procs[0]
         print(where_to_look(c, name, server))
