@@ -67,11 +67,14 @@ class Link:
         """Send whole frames under the lock (the heartbeat and gradient threads share the socket)."""
         try:
             with self._lock:
-                wire.send_frame(self.sock, frames)
-                self._last_send = time.monotonic()
-                self.bytes_sent += sum(memoryview(f).nbytes for f in frames)
+                self._send_locked(frames)
         except OSError as e:
             raise ServerLost(f"lost the connection to the {self.peer} while sending: {e}") from None
+
+    def _send_locked(self, frames: list[bytes | memoryview]) -> None:
+        wire.send_frame(self.sock, frames)
+        self._last_send = time.monotonic()
+        self.bytes_sent += sum(memoryview(f).nbytes for f in frames)
 
     def send_raw(self, data: bytes) -> None:
         """Bytes that are not a frame (fault injection only)."""
@@ -127,10 +130,7 @@ class Link:
                 continue
             try:
                 with self._lock:
-                    beat = wire.frame(MsgType.HEARTBEAT, worker=self.id)
-                    wire.send_frame(self.sock, beat)
-                    self._last_send = time.monotonic()
-                    self.bytes_sent += sum(memoryview(f).nbytes for f in beat)
+                    self._send_locked(wire.frame(MsgType.HEARTBEAT, worker=self.id))
             except OSError:
                 return
 
