@@ -351,9 +351,13 @@ if ours; then
   n=0
   while ours && [ "$n" -lt 50 ]; do sleep 0.1; n=$((n + 1)); done
   if ours; then kill -KILL "$pid"; echo "killed pid $pid (still there 5 s after SIGTERM)"; else echo "stopped pid $pid"; fi
-elif [ -f "launch/$P.exit" ]; then echo "not running (exited $(cat "launch/$P.exit"))"
-elif [ -f "launch/$P.pid" ]; then echo "not running (pid $(cat "launch/$P.pid") is gone or is not ours: left alone)"
-else echo "not started"; fi
+else
+  # it may have just exited (the server went first): its wrapper writes the exit code in a moment
+  if [ -f "launch/$P.pid" ] && [ ! -f "launch/$P.exit" ]; then sleep 1; fi
+  if [ -f "launch/$P.exit" ]; then echo "not running (exited $(cat "launch/$P.exit"))"
+  elif [ -f "launch/$P.pid" ]; then echo "not running (pid $(cat "launch/$P.pid") is gone or is not ours: left alone)"
+  else echo "not started"; fi
+fi
 rm -f launch/env
 '); then say "$proc on $name: $out"; else FAILED="$FAILED $proc"; fi
 }
