@@ -1,4 +1,5 @@
-"""The `smolcluster` command: server, worker, run (a local cluster), eval, and hosts (for launch.sh)."""
+"""The `smolcluster` command: server, worker, run (a local cluster), eval, sample, predict, serve-model,
+status, and hosts (for launch.sh)."""
 
 from __future__ import annotations
 
@@ -166,8 +167,8 @@ Serve one page with a canvas to draw a digit on (mouse or finger) and a file inp
 as each stroke ends the page posts the image to /predict, which answers the model's top classes
 as JSON ({"top": [[class, probability], ...]}). The page needs no internet (no CDN).
 
-exit status: 0 stopped (Ctrl-C: 130); 1 the port cannot be had; 2 the file is not a classifier of
-grey images, or a bad argument.
+exit status: 130 once stopped with Ctrl-C; 1 the port cannot be had, or the file is missing or not a
+model; 2 the model is not a classifier of grey images, or a bad argument.
 """
 
 
