@@ -2,7 +2,7 @@
 # launch.sh: start, watch and stop a smolcluster cluster over ssh (README: "Running on several machines").
 #
 #   ./launch.sh up [--cluster-config FILE] [--nn-config FILE] [--set KEY=VALUE]... [--timeout S]
-#   ./launch.sh status            one line per process: running, exited N, gone
+#   ./launch.sh status            one line per process: running, exited N, gone; where the dashboard is
 #   ./launch.sh wait [--timeout S]  block until every process has exited; fails if one failed
 #   ./launch.sh logs [DEST]       copy every log here (default: runs/launch/logs)
 #   ./launch.sh down              stop what `up` started, and only that
@@ -250,6 +250,8 @@ up() {
     each refuse_if_running  # the previous cluster's hosts: is anything of it still running?
   fi
   mv "$STATE/hosts.new" "$STATE/hosts"
+  "${UV:-uv}" run --project "$REPO" --quiet smolcluster hosts --dashboard "$@" >"$STATE/dashboard" ||
+    die "cannot read the dashboard's port from the config (see above)"
 
   SEEN='' STARTED=
   trap 'up_failed interrupted' INT TERM
@@ -349,9 +351,13 @@ if ours; then
   n=0
   while ours && [ "$n" -lt 50 ]; do sleep 0.1; n=$((n + 1)); done
   if ours; then kill -KILL "$pid"; echo "killed pid $pid (still there 5 s after SIGTERM)"; else echo "stopped pid $pid"; fi
-elif [ -f "launch/$P.exit" ]; then echo "not running (exited $(cat "launch/$P.exit"))"
-elif [ -f "launch/$P.pid" ]; then echo "not running (pid $(cat "launch/$P.pid") is gone or is not ours: left alone)"
-else echo "not started"; fi
+else
+  # it may have just exited (the server went first): its wrapper writes the exit code in a moment
+  if [ -f "launch/$P.pid" ] && [ ! -f "launch/$P.exit" ]; then sleep 1; fi
+  if [ -f "launch/$P.exit" ]; then echo "not running (exited $(cat "launch/$P.exit"))"
+  elif [ -f "launch/$P.pid" ]; then echo "not running (pid $(cat "launch/$P.pid") is gone or is not ours: left alone)"
+  else echo "not started"; fi
+fi
 rm -f launch/env
 '); then say "$proc on $name: $out"; else FAILED="$FAILED $proc"; fi
 }
@@ -374,7 +380,7 @@ eval "set -- $REST"
 FAILED=
 case $command in
   up) up "$@" ;;
-  status) [ $# -eq 0 ] || usage; each status_one ;;
+  status) [ $# -eq 0 ] || usage; each status_one; if [ -f "$STATE/dashboard" ]; then cat "$STATE/dashboard"; fi ;;
   wait) [ $# -eq 0 ] || usage; DEADLINE=$(($(date +%s) + ${TIMEOUT:-0})); each wait_one ;;
   logs) [ $# -le 1 ] || usage; DEST=${1:-$STATE/logs}; mkdir -p "$DEST"; each logs_one ;;
   down) [ $# -eq 0 ] || usage; each down_one ;;

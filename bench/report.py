@@ -49,6 +49,16 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def sh(*argv: str) -> str:
+    """A command's output run in the repository (git, uptime), or "" if it cannot run."""
+    import subprocess
+
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=10, cwd=Path(__file__).parents[1]).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
 def machine_info() -> dict[str, Any]:
     import torch
 

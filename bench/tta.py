@@ -30,7 +30,6 @@ import json
 import re
 import shlex
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -525,13 +524,6 @@ def plot(res: dict[str, Any], path: Path) -> None:
 
 # -- main ------------------------------------------------------------------------------------------
 
-def _sh(*argv: str) -> str:
-    try:
-        return subprocess.run(argv, capture_output=True, text=True, timeout=10, cwd=REPO).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
 def parse_args(argv: list[str] | None) -> Plan:
     p = argparse.ArgumentParser(prog="python -m bench.tta", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true",
@@ -612,18 +604,18 @@ def main(argv: list[str] | None = None) -> int:
             plot(res, plan.render.with_suffix(".png"))
         return 0
     started = time.time()
-    meta = {**report.machine_info(), "commit": _sh("git", "rev-parse", "--short", "HEAD"),
-            "dirty": bool(_sh("git", "status", "--porcelain", "--untracked-files=no")),
+    meta = {**report.machine_info(), "commit": report.sh("git", "rev-parse", "--short", "HEAD"),
+            "dirty": bool(report.sh("git", "status", "--porcelain", "--untracked-files=no")),
             "command": "uv run --group bench python -m bench.tta" + (f" {shlex.join(argv)}" if argv else ""),
             "argv": ["python", *list(getattr(sys, "orig_argv", sys.argv))[1:]],  # no path of this machine
-            "uptime_before": _sh("uptime"),
+            "uptime_before": report.sh("uptime"),
             "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     logger.info(f"tta on {meta['cpu']} ({meta['cores']} cores); load {meta['uptime_before']}; results -> {plan.out}")
     rows = [tta_row(plan, s, link) for link in plan.links for s in plan.systems]
     estimate(rows)
     rat = ratios(rows, plan)
     non = [noniid_row(plan, s, alpha) for alpha in plan.alphas for s in plan.noniid]
-    meta.update(uptime_after=_sh("uptime"), load_after=report.load_average(),
+    meta.update(uptime_after=report.sh("uptime"), load_after=report.load_average(),
                 duration_s=round(time.time() - started, 1))
     res = {"meta": meta,
            "plan": {"workers": plan.workers, "epochs": plan.epochs, "noniid_epochs": plan.noniid_epochs,

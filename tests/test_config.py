@@ -177,6 +177,22 @@ def test_hosts_command_prints_one_line_per_process(tmp_path, capsys):
     ]
 
 
+@pytest.mark.parametrize("sets, line", [
+    ([], "dashboard: on mini1 at http://127.0.0.1:8642/, bound to 127.0.0.1 (cluster.http_bind): from here, "
+         "ssh -N -L 8642:127.0.0.1:8642 -p 2222 -i {key} alice@192.168.1.10 and open http://127.0.0.1:8642/"),
+    (["cluster.http_bind=0.0.0.0", "cluster.http_port=9000"], "dashboard: http://192.168.1.10:9000/"),
+    (["cluster.http_bind=10.0.0.1"], "dashboard: http://10.0.0.1:8642/"),
+    (["cluster.http_port=0"], "dashboard: off (cluster.http_port is 0)"),
+])
+def test_hosts_dashboard_says_where_the_dashboard_is_and_how_to_reach_it(tmp_path, capsys, sets, line):
+    from smolcluster.cli import main
+
+    args = [a for kv in sets for a in ("--set", kv)]
+    assert main(["hosts", "--dashboard", "--cluster-config", str(write(tmp_path, "c.yaml", MINIS)), *args]) == 0
+    key = str(Path("~/.ssh/id_ed25519").expanduser())
+    assert capsys.readouterr().out.splitlines() == [line.format(key=key)]
+
+
 def test_hosts_command_names_the_file_when_workers_are_missing(tmp_path, capsys):
     from smolcluster.cli import main
 

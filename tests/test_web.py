@@ -1,4 +1,5 @@
-"""web.py: the read-only HTTP side of the server, served for real on a loopback port."""
+"""web.py: the read-only HTTP side of the server, served for real on a loopback port; status.py's
+`smolcluster status` reading it."""
 
 from __future__ import annotations
 
@@ -78,7 +79,7 @@ def test_unknown_paths_and_garbage_get_4xx_and_the_server_keeps_answering(board_
 
 
 def test_status_prints_the_state_and_fails_cleanly_without_a_server(board_url, capsys):
-    from smolcluster.web import print_status
+    from smolcluster.status import print_status
 
     board, url = board_url
     board.worker(2, host="mini2", device="cpu", state="dropped")
@@ -92,3 +93,34 @@ def test_status_prints_the_state_and_fails_cleanly_without_a_server(board_url, c
 def test_a_taken_port_is_logged_and_nothing_else(board_url):
     _, url = board_url
     assert serve(Board({}), "127.0.0.1", int(url.rsplit(":", 1)[1])) is None
+
+
+def test_a_workers_step_parts_and_bytes_reach_metrics_and_status(board_url, capsys):
+    from smolcluster.status import print_status
+
+    board, url = board_url
+    board.worker(1, host="mini1", device="cpu", state="joined")
+    board.worker(1, compute_s=0.012, wait_s=0.003, comm_s=0.0015, bytes_sent=2_500_000, bytes_received=2_400_000)
+    board.step({"step": 5, "loss": 0.4}, {}, {"step": 5})
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(_get(url + "/metrics")[1].decode()) for s in f.samples}
+    for part, value in (("compute", 0.012), ("wait", 0.003), ("communicate", 0.0015)):
+        assert samples[("smolcluster_worker_step_seconds", (("part", part), ("worker", "1")))] == value
+    assert samples[("smolcluster_worker_sent_bytes_total", (("worker", "1"),))] == 2_500_000
+    assert samples[("smolcluster_worker_received_bytes_total", (("worker", "1"),))] == 2_400_000
+    assert print_status(url) == 0
+    out = capsys.readouterr().out
+    assert "compute 12.0 / wait 3.0 / comm 1.5 ms  sent 2.5 MB, received 2.4 MB" in out, out
+
+
+def test_a_late_worker_is_late_until_its_next_gradient_on_time():
+    board = Board({})
+    board.worker(1, state="rejoined")
+    board.late(1)
+    board.late(1)  # twice late: still back to what it was before
+    assert board.snapshot()["workers"][0]["state"] == "late"
+    board.on_time(1, last_step=7)
+    row = board.snapshot()["workers"][0]
+    assert row["state"] == "rejoined" and row["last_step"] == 7
+    board.on_time(1, last_step=8)
+    assert board.snapshot()["workers"][0]["state"] == "rejoined"

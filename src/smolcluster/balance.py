@@ -1,7 +1,7 @@
 """training.balance: size each worker's work to its speed, so a step waits for no one.
 
 Workers measure their compute seconds per sample over their first steps (worker.py) and send
-it once (STATS). When every worker has (or after a while, with those that did: the others count
+it once (STATS, stats.py). When every worker has (or after a while, with those that did: the others count
 as the median), the server gives worker k the share speed_k / Σ speed of the cluster's work per
 step: a batch of N·batch_size·share (sync), or N·local_steps·share local steps of batch_size
 (local modes), at least 1 and at most MAX_SCALE times the configured size, from the next step on
@@ -35,11 +35,3 @@ def plan(s_per_sample: dict[int, float], workers: int, batch: int, local_steps: 
         else:
             out[k] = (batch, min(MAX_SCALE * local_steps, max(1, round(local_steps * share))))
     return out
-
-
-def parse_stats(body: dict[str, object]) -> float | None:
-    """A worker's seconds per sample, if its STATS frame holds a sane one."""
-    v = body.get("s_per_sample")
-    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 < v < 3600:
-        return float(v)
-    return None

@@ -1,4 +1,5 @@
-"""The `smolcluster` command: server, worker, run (a local cluster), eval, and hosts (for launch.sh)."""
+"""The `smolcluster` command: server, worker, run (a local cluster), eval, sample, predict, serve-model,
+status, and hosts (for launch.sh)."""
 
 from __future__ import annotations
 
@@ -134,12 +135,23 @@ def parser() -> argparse.ArgumentParser:
                     help="sample N of the test set the model was trained with (repeatable)")
     pr.add_argument("--top", type=int, default=3, metavar="K", help="classes to print (default: 3)")
     _config_args(pr)
+    sm = sub.add_parser("serve-model", help="a page to draw a digit on (or upload one) and see a saved "
+                        "classifier's top classes, live", description=SERVE_DOC,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sm.add_argument("model_path", metavar="MODEL", help="path to model.safetensors (a classifier of grey images)")
+    sm.add_argument("--port", type=int, default=8643, metavar="P", help="port to listen on (default: 8643; 0: a free one)")
+    sm.add_argument("--bind", default="127.0.0.1", metavar="ADDR",
+                    help="address to listen on (default: 127.0.0.1; 0.0.0.0 lets a phone on the network in)")
+    sm.add_argument("--top", type=int, default=3, metavar="K", help="classes to show (default: 3)")
+    sm.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     st = sub.add_parser("status", help="print a running server's state (its /api/status) in the terminal")
     st.add_argument("url", nargs="?", default="http://127.0.0.1:8642/", metavar="URL",
                     help="the server's dashboard (default: http://127.0.0.1:8642/, cluster.http_port's default)")
     st.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     h = sub.add_parser("hosts", help="print the hosts launch.sh starts processes on, one line each",
                        description=HOSTS_DOC, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    h.add_argument("--dashboard", action="store_true",
+                   help="print instead the one line saying where the server's dashboard is (launch.sh status)")
     _config_args(h)
     return p
 
@@ -154,6 +166,20 @@ One line per process, fields separated by one space, '-' where a field is unset:
 ROLE is server or worker, ID the worker id (0 for the server; with cluster.backend torch there is
 no server line: worker 1 leads), NAME the host name from the cluster config, the rest comes from
 its `ssh` section (KEY with ~ expanded). launch.sh reads this so that it never parses YAML itself.
+
+With --dashboard, one line instead: where the server's dashboard is (cluster.http_port on the
+server host), with the ssh command that reaches it when it listens on 127.0.0.1 there, or that it
+is off.
+"""
+
+
+SERVE_DOC = """\
+Serve one page with a canvas to draw a digit on (mouse or finger) and a file input for a picture;
+as each stroke ends the page posts the image to /predict, which answers the model's top classes
+as JSON ({"top": [[class, probability], ...]}). The page needs no internet (no CDN).
+
+exit status: 130 once stopped with Ctrl-C; 1 the port cannot be had, or the file is missing or not a
+model; 2 the model is not a classifier of grey images, or a bad argument.
 """
 
 
@@ -184,8 +210,10 @@ def main(argv: list[str] | None = None, job: Job | None = None) -> int:
     try:
         if args.command == "sample":  # reads a model file, not the configs
             return _sample(args)
+        if args.command == "serve-model":  # reads a model file, not the configs
+            return _serve_model(args)
         if args.command == "status":  # reads a server's dashboard, not the configs
-            from smolcluster.web import print_status
+            from smolcluster.status import print_status
 
             return print_status(args.url)
         cfg, passthrough = _load(args, job)
@@ -360,12 +388,29 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_model(args: argparse.Namespace) -> int:
+    from smolcluster.serve import serve_model
+
+    if not 0 <= args.port < 65536 or args.top < 1:
+        raise ConfigError(f"--port {args.port}, --top {args.top}: expected a port 0..65535 and K >= 1")
+    return serve_model(Path(args.model_path), args.bind, args.port, args.top)
+
+
 def _hosts(args: argparse.Namespace, cfg: Config, _: list[str], job: Job | None = None) -> int:
     c = cfg.cluster
     try:
         procs = c.launch_hosts()
     except ConfigError as e:
         raise ConfigError(f"{args.cluster_config or DEFAULT_CLUSTER}: {e}") from None
+    if args.dashboard:
+        if c.backend == "torch":
+            print("dashboard: none on cluster.backend torch (the parameter server serves it); see the logs")
+            return 0
+        from smolcluster.status import where_to_look
+
+        _, _, name, server = procs[0]
+        print(where_to_look(c, name, server))
+        return 0
     unused = sorted(set(c.ssh) - {name for _, _, name, _ in procs} - {"default", c.server})  # torch: no server
     if unused:
         logger.warning(f"ssh: entries {unused} are neither the server ({c.server}) nor a worker {c.workers}")
@@ -378,17 +423,13 @@ def _hosts(args: argparse.Namespace, cfg: Config, _: list[str], job: Job | None 
 
 def _predict(args: argparse.Namespace, cfg: Config, _: list[str], job: Job | None = None) -> int:
     from smolcluster import data
-    from smolcluster.predict import image_input, line, top
-    from smolcluster.results import data_meta, load_model, saved_data
+    from smolcluster.predict import image_input, line, load_classifier, top
+    from smolcluster.results import saved_data
 
     path = Path(args.model_path)
-    model, _model_cfg, meta = load_model(path)
-    saved = data_meta(path, meta)
-    if saved is not None and saved.task != "classify":
-        raise ConfigError(f"{path}: a {saved.task} model has no classes to predict (try `smolcluster sample`)")
+    model, shape, meta = load_classifier(path)
     if not args.files and not args.index:
         raise ConfigError("predict: name image FILEs or --index N of the test set")
-    shape = tuple(saved.input_shape) if saved is not None else (1, 28, 28)
     for name in args.files:
         print(line(name, top(model, image_input(Path(name), shape), args.top)), flush=True)
     if args.index:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from typing import Callable
 
 from smolcluster import wire
@@ -44,6 +45,8 @@ class GradExchange:
         self.sent = [-1] * len(buckets)
         self.received = [-1] * len(buckets)
         self.error: BaseException | None = None
+        self.sent_at = 0.0
+        """When (time.monotonic) the last bucket sent so far left: with overlap, maybe after backward."""
         self._cond = threading.Condition()
         self._queue: queue.Queue[tuple[int, int] | None] = queue.Queue()
         self._thread: threading.Thread | None = None
@@ -67,6 +70,7 @@ class GradExchange:
         with self._cond:
             for b in buckets:
                 self.sent[b] = step
+            self.sent_at = time.monotonic()
             self._cond.notify_all()
 
     def begin(self, step: int, count: int) -> None:

@@ -55,6 +55,10 @@ class Link:
         self._last_send = time.monotonic()
         self._stop = threading.Event()
         self._beats: threading.Thread | None = None
+        self.bytes_sent = self.bytes_received = 0
+        """Every byte of every frame through this connection (stats.py reports them)."""
+        self.received_s = 0.0
+        """Seconds spent reading tensor payloads once their header was in (the averages' bytes)."""
 
     def send(self, mtype: MsgType, payload: Any = b"", **fields: Any) -> None:
         self.send_frames(wire.frame(mtype, payload, worker=self.id, **fields))
@@ -63,10 +67,14 @@ class Link:
         """Send whole frames under the lock (the heartbeat and gradient threads share the socket)."""
         try:
             with self._lock:
-                wire.send_frame(self.sock, frames)
-                self._last_send = time.monotonic()
+                self._send_locked(frames)
         except OSError as e:
             raise ServerLost(f"lost the connection to the {self.peer} while sending: {e}") from None
+
+    def _send_locked(self, frames: list[bytes | memoryview]) -> None:
+        wire.send_frame(self.sock, frames)
+        self._last_send = time.monotonic()
+        self.bytes_sent += sum(memoryview(f).nbytes for f in frames)
 
     def send_raw(self, data: bytes) -> None:
         """Bytes that are not a frame (fault injection only)."""
@@ -76,12 +84,23 @@ class Link:
     def read(self, step: int, timeout: float, target: Target) -> tuple[Header, memoryview]:
         """The next frame; ERROR and REJECT become WorkerError. Tensor payloads land in `target`."""
         self.sock.settimeout(timeout)
+        arrived = 0.0
+
+        def timed(h: Header) -> memoryview:
+            nonlocal arrived
+            dest = target(h)
+            arrived = time.monotonic()  # after target: its wait for our own send is not receiving
+            return dest
+
         try:
-            header, payload = wire.read_frame(self.sock, self.peer, target)
+            header, payload = wire.read_frame(self.sock, self.peer, timed)
         except socket.timeout:
             raise ServerLost(f"no word from the {self.peer} for {timeout:.0f} s at step {step}") from None
         except (ConnectionClosed, OSError) as e:
             raise ServerLost(f"lost the connection to the {self.peer} at step {step}: {e}") from None
+        self.bytes_received += wire.HEADER_SIZE + header.length + wire.TRAILER_SIZE
+        if arrived:
+            self.received_s += time.monotonic() - arrived
         if header.type in (MsgType.ERROR, MsgType.REJECT):
             body = wire.decode_json(payload, header, self.peer)
             if header.type == MsgType.ERROR:
@@ -111,8 +130,7 @@ class Link:
                 continue
             try:
                 with self._lock:
-                    wire.send_frame(self.sock, wire.frame(MsgType.HEARTBEAT, worker=self.id))
-                    self._last_send = time.monotonic()
+                    self._send_locked(wire.frame(MsgType.HEARTBEAT, worker=self.id))
             except OSError:
                 return
 

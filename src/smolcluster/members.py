@@ -14,11 +14,12 @@ from loguru import logger
 
 from smolcluster import handshake, wire
 from smolcluster.checkpoint import encode_state
-from smolcluster.balance import BALANCE_STEPS, parse_stats, plan
+from smolcluster.balance import BALANCE_STEPS, plan
 from smolcluster.drift import Digest, digest, parse_sketch, relative_drift, sketch_length
 from smolcluster.errors import ClusterError
 from smolcluster.hub import Peer
 from smolcluster.results import Counters
+from smolcluster.stats import parse_stats
 from smolcluster.web import Board
 from smolcluster.wire import DType, Header, MsgType, ProtocolError
 
@@ -135,6 +136,7 @@ class Membership:
                 logger.warning(f"step {self.step}: dropped late gradient of step {header.step} from worker {peer.worker_id}")
                 self.board.event("late", f"step {self.step}: late gradient of step {header.step} from worker "
                                          f"{peer.worker_id}", peer.worker_id)
+                self.board.late(peer.worker_id)
             return
         if self.first_arrival is None:
             self.first_arrival = time.monotonic()
@@ -155,11 +157,14 @@ class Membership:
                                     f"{behind - 1} steps (worker_timeout={c.worker_timeout:g})")
 
     def _on_stats(self, peer: Peer, body: dict[str, Any]) -> None:
-        """A worker's measured speed (training.balance), used once at the next step boundary."""
-        value = parse_stats(body)
-        if value is None:
-            raise ProtocolError(f"{peer.name}: STATS without a sane s_per_sample")
-        self.speeds[peer.worker_id] = value
+        """What a worker says of itself (stats.py): its speed (training.balance, used at the next
+        step boundary) and, about once a second, its step's parts and its bytes (the dashboard)."""
+        stats = parse_stats(body, peer.name)
+        if stats.s_per_sample is not None:
+            self.speeds[peer.worker_id] = stats.s_per_sample
+        row = stats.row()
+        if row:
+            self.board.worker(peer.worker_id, **row)
 
     def _balance(self) -> None:
         """training.balance: once every worker measured itself (or long enough after the first

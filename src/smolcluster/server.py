@@ -299,8 +299,8 @@ class Server(Membership, Lead):
         now = time.time()
         done = self.step + 1 - self.start_step
         rate = done / max(time.monotonic() - self.t_train, 1e-9)
-        for peer in arrived:
-            self.board.worker(peer.worker_id, last_step=self.step, last_seen=round(now, 3))
+        for peer in arrived:  # on time: a worker shown as late is back
+            self.board.on_time(peer.worker_id, last_step=self.step, last_seen=round(now, 3))
         self.board.step({"step": self.step + 1, "epoch": round(metrics["train/epoch"], 4), "loss": self.flat.loss,
                          "steps_per_s": round(rate, 3), "eta_s": round((self.total_steps - self.step - 1) / max(rate, 1e-9), 1),
                          "workers_present": len(self.workers), "bytes": self.bytes_moved,

@@ -6,7 +6,8 @@ is serialised there); a daemon thread answers requests from a copy of it, so a s
 client can only ever cost the HTTP thread. Only GET and HEAD exist; every other method, an unknown
 path or a malformed request gets a 4xx; the standard library bounds request lines and headers
 (64 KiB) and a request has a few seconds to arrive. A port that is taken is logged, and the run
-goes on without HTTP.
+goes on without HTTP. `Handler` and `listen` are shared with `smolcluster serve-model` (serve.py); what a terminal
+shows of the dashboard is status.py.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class Board:
         self.started = time.time()
         self.cluster: dict[str, Any] = dict(cluster)
         self.workers: dict[str, dict[str, Any]] = {}
+        self._before_late: dict[str, str] = {}
         self.counters: dict[str, int] = {}
         self.history: collections.deque[dict[str, float]] = collections.deque(maxlen=HISTORY)
         self.evals: list[dict[str, Any]] = []
@@ -47,6 +49,23 @@ class Board:
     def worker(self, wid: int, **fields: Any) -> None:
         with self._lock:
             self.workers.setdefault(str(wid), {"id": wid}).update(fields)
+
+    def late(self, wid: int) -> None:
+        """A gradient of this worker's came after its step was averaged: "late" until `on_time`."""
+        with self._lock:
+            row = self.workers.setdefault(str(wid), {"id": wid})
+            if row.get("state") != "late":
+                self._before_late[str(wid)] = row.get("state", "joined")
+                row["state"] = "late"
+
+    def on_time(self, wid: int, **fields: Any) -> None:
+        """This worker's gradient counted in a step: set `fields`, and a late worker is back to
+        the state it had before (joined or rejoined)."""
+        with self._lock:
+            row = self.workers.setdefault(str(wid), {"id": wid})
+            row.update(fields)
+            if row.get("state") == "late":
+                row["state"] = self._before_late.pop(str(wid), "joined")
 
     def step(self, cluster: dict[str, Any], counters: dict[str, int], row: dict[str, float]) -> None:
         with self._lock:
@@ -93,111 +112,114 @@ def prometheus(status: dict[str, Any]) -> bytes:
             for kind, n in sorted(status["counters"].items()):
                 failures.add_metric([kind], n)
             yield failures
-            step_s = GaugeMetricFamily("smolcluster_worker_step_seconds", "A worker's last step time, by part",
+            step_s = GaugeMetricFamily("smolcluster_worker_step_seconds",
+                                       "A worker's step time by part, averaged over about its last second",
                                        labels=["worker", "part"])
+            moved = {d: CounterMetricFamily(f"smolcluster_worker_{d}_bytes", f"Bytes a worker has {d} (as it reports)",
+                                            labels=["worker"]) for d in ("sent", "received")}
             seen = GaugeMetricFamily("smolcluster_worker_last_step", "The last step a worker delivered", labels=["worker"])
             for w in status["workers"]:
                 wid = str(w["id"])
                 seen.add_metric([wid], w.get("last_step", -1))
-                for part in ("compute", "wait"):
-                    if w.get(f"{part}_s") is not None:
-                        step_s.add_metric([wid, part], w[f"{part}_s"])
+                for part, key in (("compute", "compute_s"), ("wait", "wait_s"), ("communicate", "comm_s")):
+                    if w.get(key) is not None:
+                        step_s.add_metric([wid, part], w[key])
+                for direction in ("sent", "received"):
+                    if w.get(f"bytes_{direction}") is not None:
+                        moved[direction].add_metric([wid], w[f"bytes_{direction}"])
             yield step_s
             yield seen
+            yield from moved.values()
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(Collector())  # type: ignore[arg-type]
     return generate_latest(registry)
 
 
-def _page() -> bytes:
-    """The dashboard: one HTML file in the package, its script and styles inline (no CDN)."""
+def page(name: str) -> bytes:
+    """One of the package's HTML pages, its script and styles inline (no CDN)."""
     from importlib.resources import files
 
-    return files("smolcluster").joinpath("dashboard.html").read_bytes()
+    return files("smolcluster").joinpath(name).read_bytes()
 
 
-class _Handler(BaseHTTPRequestHandler):
-    board: Board
+class Handler(BaseHTTPRequestHandler):
+    """What every page smolcluster serves shares: a bounded wait for the request, plain-text
+    refusals, one debug line per request. Methods a subclass does not define get 405."""
+
     timeout = 5.0  # seconds a request has to arrive (a slowloris ties up one thread, briefly)
     server_version = "smolcluster"
-
-    def do_GET(self) -> None:  # noqa: N802 (the standard library's name)
-        path = self.path.split("?", 1)[0]
-        if path in ("/", "/index.html"):
-            return self._send(200, _page(), "text/html; charset=utf-8")
-        if path == "/healthz":
-            return self._send(200, b"ok\n", "text/plain; charset=utf-8")
-        if path == "/api/status":
-            return self._send(200, json.dumps(self.board.snapshot()).encode(), "application/json")
-        if path == "/metrics":
-            from prometheus_client import CONTENT_TYPE_LATEST
-
-            return self._send(200, prometheus(self.board.snapshot()), CONTENT_TYPE_LATEST)
-        self._send(404, b"not found\n", "text/plain; charset=utf-8")
-
-    def do_HEAD(self) -> None:  # noqa: N802
-        self.do_GET()
-
-    def _refuse(self) -> None:
-        self._send(405, b"read-only: GET only\n", "text/plain; charset=utf-8")
-
-    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _refuse  # noqa: N815
+    allowed = "GET, HEAD"
+    """What the 405 answer's Allow header lists."""
 
     def _send(self, code: int, body: bytes, kind: str) -> None:
         self.send_response(code)
         self.send_header("Content-Type", kind)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
+        if code == 405:
+            self.send_header("Allow", self.allowed)
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
+
+    def _text(self, code: int, text: str) -> None:
+        self._send(code, text.encode() + b"\n", "text/plain; charset=utf-8")
+
+    def _refuse(self, why: str = "") -> None:
+        self._text(405, why or f"{self.command} is not served here: {self.allowed} only")
+
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _refuse  # noqa: N815 (the standard library's names)
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the standard library's name)
         logger.debug(f"http {self.address_string()}: {format % args}")
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True  # a request thread never holds up the process's exit
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that hung up mid-answer (or worse) is one debug line, not a traceback on stderr."""
+        import sys
+
+        logger.debug(f"http {client_address[0]}: {sys.exc_info()[1]!r}")
+
+
+def listen(handler: type[Handler], bind: str, port: int) -> ThreadingHTTPServer:
+    """A threaded server on bind:port (0: any free port); OSError if it cannot have the port."""
+    return _Server((bind, port), handler)
+
+
+class _Dashboard(Handler):
+    board: Board
+
+    def do_GET(self) -> None:  # noqa: N802 (the standard library's name)
+        path = self.path.split("?", 1)[0]
+        if path in ("/", "/index.html"):
+            return self._send(200, page("dashboard.html"), "text/html; charset=utf-8")
+        if path == "/healthz":
+            return self._text(200, "ok")
+        if path == "/api/status":
+            return self._send(200, json.dumps(self.board.snapshot()).encode(), "application/json")
+        if path == "/metrics":
+            from prometheus_client import CONTENT_TYPE_LATEST
+
+            return self._send(200, prometheus(self.board.snapshot()), CONTENT_TYPE_LATEST)
+        self._text(404, "not found")
+
+    def do_HEAD(self) -> None:  # noqa: N802
+        self.do_GET()
+
+
 def serve(board: Board, bind: str, port: int) -> ThreadingHTTPServer | None:
     """Start answering on bind:port in a daemon thread; None (logged) if the port cannot be had."""
-    handler = type("Handler", (_Handler,), {"board": board})
     try:
-        httpd = ThreadingHTTPServer((bind, port), handler)
+        httpd = listen(type("Dashboard", (_Dashboard,), {"board": board}), bind, port)
     except OSError as e:
         logger.warning(f"dashboard: cannot listen on {bind}:{port} ({e.strerror or e}); the run goes on without it "
                        "(set cluster.http_port to a free port, or 0 to turn it off)")
         return None
-    httpd.daemon_threads = True
     threading.Thread(target=httpd.serve_forever, daemon=True, name="http").start()
     host, bound = httpd.server_address[:2]
     logger.info(f"dashboard and metrics at http://{host}:{bound}/ (/api/status, /metrics)")
     return httpd
-
-
-def print_status(url: str) -> int:
-    """`smolcluster status URL`: the dashboard's state as text, for a terminal over ssh."""
-    import urllib.error
-    import urllib.request
-
-    target = url.rstrip("/") + "/api/status"
-    try:
-        with urllib.request.urlopen(target, timeout=10) as r:
-            s = json.loads(r.read(1 << 24))
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        logger.error(f"no status from {target}: {getattr(e, 'reason', e)} (is the server running with cluster.http_port?)")
-        return 1
-    c = s["cluster"]
-    print(f"step {c.get('step', 0)}/{c.get('total_steps', '?')}  epoch {c.get('epoch', 0)}  "
-          f"{c.get('steps_per_s', 0)} steps/s  ETA {c.get('eta_s', '?')} s  {c.get('algorithm', '?')} "
-          f"{c.get('compression', '?')}  workers {c.get('workers_present', 0)}/{c.get('workers_expected', '?')}  "
-          f"loss {c.get('loss', float('nan')):.4f}")
-    for w in s["workers"]:
-        print(f"  worker {w['id']}: {w.get('state', '?'):8} last step {w.get('last_step', '-')}  "
-              f"{w.get('host', '?')} {w.get('addr', '')}  {w.get('device', '?')}")
-    if s["evals"]:
-        last = s["evals"][-1]
-        print("  last evaluation: " + ", ".join(f"{k[5:]} {v:.4g}" for k, v in last.items() if k.startswith("test_")))
-    bad = {k: v for k, v in s["counters"].items() if v}
-    print("  counters: " + (", ".join(f"{k} {v}" for k, v in sorted(bad.items())) or "nothing lost or refused"))
-    for e in s["events"][-5:]:
-        print(f"  {time.strftime('%H:%M:%S', time.localtime(e['t']))} {e['kind']}: {e['text']}")
-    return 0

@@ -72,7 +72,7 @@ class MsgType(enum.IntEnum):
     CHALLENGE = 12  # server -> worker, JSON: nonce for the token proof
     # 13 was AUTH (the proof now rides in HELLO); the number stays unused
     STATE = 14  # server -> worker, tensor: optimizer state for a rejoining worker
-    STATS = 15  # worker -> server, JSON: its measured compute seconds per sample (training.balance)
+    STATS = 15  # worker -> server, JSON: its speed (training.balance), step-time parts and bytes (stats.py)
     PLAN = 16  # server -> worker, JSON: its batch and local steps from `step` on (training.balance)
 
 

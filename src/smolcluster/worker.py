@@ -29,6 +29,7 @@ from smolcluster.progress import Progress
 from smolcluster.replica import usable_replica
 from smolcluster.balance import BALANCE_STEPS, MAX_SCALE
 from smolcluster.shard import Shard
+from smolcluster.stats import StepClock, split
 from smolcluster.results import headline, save_model
 from smolcluster.tracking import NullTracker, Tracker, start_tracker
 from smolcluster.train import apply_average, make_loss
@@ -65,6 +66,10 @@ class Worker:
         self._timings: list[float] = []
         """Compute seconds per sample of the first steps, for training.balance."""
         self._stats_sent = False
+        self.clock = StepClock()
+        """Each step's compute, wait and communicate seconds, reported about once a second (STATS)."""
+        self._bytes = (0, 0)
+        """Bytes sent and received through the connections before the current one."""
         self.loss = job.loss if job and job.loss else make_loss(t)
         self.replica = usable_replica(cfg, job.model if job else None, self.meta, data.sample(self.train), self.loss)
         self.device = self.replica.device
@@ -219,6 +224,7 @@ class Worker:
             return None
         finally:
             self._training = False
+            self._bytes = (self._bytes[0] + self.link.bytes_sent, self._bytes[1] + self.link.bytes_received)
             if self.exchange is not None:
                 self.exchange.close()
                 self.exchange = None
@@ -289,8 +295,11 @@ class Worker:
         else:
             own_loss, count = self._round(step, total)
             self.exchange.begin(step, count)
+        t_bw = time.monotonic()
         self.exchange.finish_backward()
         t1 = time.monotonic()
+        assert self.link is not None
+        received = self.link.received_s
         while True:
             header, _ = self._expect(MsgType.AVG, step, c.worker_timeout)
             if self.exchange.land(header):
@@ -306,10 +315,15 @@ class Worker:
         if step == total - 1 or (c.checksum_steps and (step + 1) % c.checksum_steps == 0):
             self._send_checksum(step)
         t3 = time.monotonic()
-        row = {"worker/loss": own_loss, "worker/global_loss": self.flat.loss,
-               "time/compute_s": (t1 - t0) + (t3 - t2), "time/communicate_s": t2 - t1, "time/step_s": t3 - t0}
+        compute, wait, comm = split(t0, t_bw, t1, t2, t3, self.link.received_s - received, self.exchange.sent_at)
+        row = {"worker/loss": own_loss, "worker/global_loss": self.flat.loss, "time/compute_s": compute,
+               "time/wait_s": wait, "time/communicate_s": comm, "time/step_s": t3 - t0}
+        timing = self.clock.add(compute, wait, comm)
+        if timing is not None:  # about once a second, for the dashboard
+            self.link.send(MsgType.STATS, {"timing": timing, "bytes_sent": self._bytes[0] + self.link.bytes_sent,
+                                           "bytes_received": self._bytes[1] + self.link.bytes_received}, step=step)
         if t.balance:
-            self._measure(step, ((t1 - t0) + (t3 - t2)) / count)
+            self._measure(step, compute / count)
         if self.shard.val is not None and (step == total - 1 or (t.eval_steps and (step + 1) % t.eval_steps == 0)):
             row.update(self.shard.validate(self.model, self.loss, step))
         self.tracker.log(row, step)

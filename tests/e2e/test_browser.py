@@ -8,18 +8,14 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 
-from helpers import REPO, Cluster, free_port, wait_for
+from helpers import ARTIFACTS, CHROMIUM, Cluster, free_port, wait_for
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 pytestmark = [pytest.mark.timeout(180),
               pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"), reason="no chromium here")]
-ARTIFACTS = REPO / "tests" / "artifacts"
 
 
 def _chromium(url: str, *extra: str) -> str:

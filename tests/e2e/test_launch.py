@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -205,6 +206,7 @@ def test_up_wait_status_logs_down(site, tmp_path):
         assert f"{proc}: exited 0" in out, out
     out = site.ok("status")
     assert out.count("exited 0") == 3, out
+    assert out.rstrip().endswith("dashboard: off (cluster.http_port is 0)"), out
 
     site.ok("logs", str(tmp_path / "logs"))
     assert "test accuracy:" in (tmp_path / "logs" / "server.log").read_text()
@@ -241,10 +243,12 @@ def test_up_wait_logs_down_on_the_torch_backend(site, tmp_path):
 
 
 def test_down_stops_a_running_cluster_and_secrets_travel_only_on_stdin(site):
+    http = free_port()
     with Watch(site.root) as watch:
-        site.up("--set", "training.num_epochs=100000")
+        site.up("--set", "training.num_epochs=100000", "--set", f"cluster.http_port={http}")
         out = site.ok("status")
         assert out.count("running (pid") == 3, out
+        _open_the_dashboard_as_status_says(site, out, http)
 
         pids = {p: int((site.root / d / "launch" / f"{p}.pid").read_text())
                 for p, d in (("server", "host-a"), ("worker-1", "host-a"), ("worker-2", "host-b"))}
@@ -264,6 +268,33 @@ def test_down_stops_a_running_cluster_and_secrets_travel_only_on_stdin(site):
                    for pid in pids.values())
     r = site.launch("status")
     assert r.returncode != 0 and "exited 0" not in r.stdout, r.stdout + r.stderr
+
+
+def _open_the_dashboard_as_status_says(site: Site, status: str, http: int) -> None:
+    """status's last line names the ssh tunnel to the server's loopback-only dashboard: open it
+    (on another local port: here the dashboard itself has this one) and ask through it."""
+    found = re.search(rf"^dashboard: on alpha at http://127.0.0.1:{http}/, bound to 127.0.0.1 \(cluster.http_bind\): "
+                      rf"from here, (ssh -N -L {http}:127.0.0.1:{http} .*@127.0.0.1) and open http://127.0.0.1:{http}/$",
+                      status, re.MULTILINE)
+    assert found, status
+    tunnel = free_port()
+    argv = found.group(1).replace(f"-L {http}:", f"-L {tunnel}:").split()
+    ssh = subprocess.Popen([argv[0], "-F", str(site.root / "ssh_config"), "-o", "BatchMode=yes",
+                            "-o", "ExitOnForwardFailure=yes", *argv[1:]], stdin=subprocess.DEVNULL,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        def answers() -> bool:
+            assert ssh.poll() is None, ssh.stderr.read().decode()[-2000:] if ssh.stderr else ""
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{tunnel}/healthz", timeout=5) as r:
+                    return r.read() == b"ok\n"
+            except OSError:
+                return False
+
+        wait_for(answers, 30, "the dashboard through the ssh tunnel")
+    finally:
+        ssh.terminate()
+        ssh.wait(timeout=10)
 
 
 def test_an_unknown_host_key_is_refused(root):

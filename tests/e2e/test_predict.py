@@ -8,9 +8,7 @@ import subprocess
 import pytest
 from PIL import Image
 
-from helpers import REPO, env, smolcluster
-from smolcluster.config import DatasetConfig
-from smolcluster.datasets.mnist import MNIST_FILES, mnist_root, read_idx
+from helpers import REPO, env, mnist_test_digit, smolcluster, train_mnist
 
 pytestmark = pytest.mark.timeout(180)
 SAMPLES = list(range(10))
@@ -21,14 +19,10 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_predict_reads_png_files_of_any_size_like_the_test_set(tmp_path):
-    out = tmp_path / "run"
-    trained = _run("run", "--set", "training.max_steps=300", "--set", "wandb.mode=disabled", "--out", str(out))
-    assert trained.returncode == 0, trained.stderr[-2000:]
-    model = str(out / "model.safetensors")
-    (_, rows, cols), pixels = read_idx(mnist_root(DatasetConfig()) / MNIST_FILES["test"][0], 2051)
+    model = str(train_mnist(tmp_path / "run"))
     files = []
     for n in SAMPLES:
-        digit = Image.frombytes("L", (cols, rows), bytes(pixels[n * rows * cols : (n + 1) * rows * cols]))
+        digit, _ = mnist_test_digit(n)
         digit.save(tmp_path / f"{n}.png")  # as MNIST has it: light on dark, 28 x 28
         # as someone would draw it: dark ink on white, ten times the size, as JPEG
         Image.eval(digit, lambda v: 255 - v).resize((280, 280), Image.Resampling.NEAREST).save(tmp_path / f"{n}.jpg")
