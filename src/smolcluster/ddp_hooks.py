@@ -164,6 +164,11 @@ def host_hook(group: dist.ProcessGroup, bucket: dist.GradBucket) -> torch.future
     return work.get_future().then(back)
 
 
+def _on_device(ddp: DistributedDataParallel) -> bool:
+    """The model's parameters are on an accelerator (not in CPU memory)."""
+    return next((p.device.type for p in ddp.module.parameters()), "cpu") != "cpu"
+
+
 def register(ddp: DistributedDataParallel, compression: str, error_feedback: bool = True,
              chunk: int = DEFAULT_CHUNK, host: bool = False) -> None:
     """Make `ddp` exchange gradients with our codec `compression` (a `cluster.compression` value).
@@ -177,8 +182,7 @@ def register(ddp: DistributedDataParallel, compression: str, error_feedback: boo
     if compression not in UNCOMPRESSED + NAMES:
         known = ", ".join(dict.fromkeys(UNCOMPRESSED + NAMES))
         raise ValueError(f"compression: expected one of {known}, got {compression!r}")
-    on_device = next((p.device.type for p in ddp.module.parameters()), "cpu") != "cpu"
-    if compression in UNCOMPRESSED and host and on_device:
+    if compression in UNCOMPRESSED and host and _on_device(ddp):
         ddp.register_comm_hook(ddp.process_group, host_hook)
         logger.info("ddp: gradients averaged in fp32 through CPU memory (gloo)")
         return

@@ -186,6 +186,7 @@ def admit(store: Any, c: ClusterConfig, launch: Launch, token: bytes | None, fin
             else:
                 ranks[r] = theirs
                 logger.info(f"worker {r + 1} (rank {r}) joined from {theirs.get('host', '?')} ({theirs.get('device', '?')})")
+        _acknowledged(store, launch.world)
         if refused:
             raise ClusterError("refused " + "; ".join(refused))
         return {"ranks": ranks, **run}
@@ -197,12 +198,22 @@ def admit(store: Any, c: ClusterConfig, launch: Launch, token: bytes | None, fin
     proof = auth.proof(token, "torch-rank", lead_nonce, mine, launch.rank + 1) if token is not None else None
     _put(store, f"hello/{launch.rank}", {**hello, "nonce": mine, "proof": proof, "fingerprint": fingerprint})
     verdict = _get(store, f"verdict/{launch.rank}", c.join_timeout, "worker 1's verdict on this rank")
+    store.set(f"seen/{launch.rank}", "1")
     if not verdict.get("ok"):
         raise ClusterError(f"worker 1 (rank 0) refused this rank: {str(verdict.get('reason', '?'))[:500]}")
     if token is not None and not auth.verify(token, verdict.get("proof"), "torch-lead", lead_nonce, mine, launch.rank + 1):
         raise ClusterError("worker 1 (rank 0) could not prove it holds the cluster token: another cluster on this port?")
     run = lead.get("run")
     return run if isinstance(run, dict) else {}
+
+
+def _acknowledged(store: Any, world: int, timeout_s: float = 10.0) -> None:
+    """Wait (briefly) until every rank has read its verdict: the store lives in rank 0, and a refused
+    rank must learn why before rank 0 exits and takes the store with it."""
+    try:
+        store.wait([f"seen/{r}" for r in range(1, world)], datetime.timedelta(seconds=timeout_s))
+    except (RuntimeError, OSError):
+        logger.warning(f"not every rank confirmed reading rank 0's verdict within {timeout_s:g} s")
 
 
 def _check(theirs: dict[str, Any], rank: int, token: bytes | None, lead_nonce: str,
