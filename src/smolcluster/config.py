@@ -168,7 +168,8 @@ class ClusterConfig:
     int8_chunk: int = 2048
     """int8 only: elements sharing one scale."""
     bucket_mb: float = 1.0
-    """Gradient bucket size in MiB: each bucket travels and is averaged as soon as it is complete."""
+    """Gradient bucket size in MiB: each bucket travels and is averaged as soon as it is complete
+    (backend ps; torch keeps DDP's own 25 MiB buckets)."""
     overlap: bool = True
     """Worker: send buckets while backward is still running (no effect on the numbers)."""
     reconnect: bool = False

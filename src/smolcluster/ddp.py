@@ -25,6 +25,7 @@ from __future__ import annotations
 import inspect
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -83,6 +84,18 @@ def rank_device(spec: str, local_rank: int) -> torch.device:
     if device.type == "cuda" and spec in ("auto", "cuda"):
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     return device
+
+
+@dataclass
+class Pending:
+    """A step whose averaged loss is still on its way."""
+
+    step: int
+    row: dict[str, Any]
+    """What the tracker gets for the step, less the averaged loss."""
+    work: Any
+    side: torch.Tensor
+    """The averaged [BatchNorm statistics..., loss] once `work` is done."""
 
 
 class Rank(Lead):
@@ -208,8 +221,9 @@ class Rank(Lead):
         # from rank 0 at each forward; newer torch names that switch forward_sync_buffers.
         names = inspect.signature(DistributedDataParallel.__init__).parameters
         buffers = {"forward_sync_buffers" if "forward_sync_buffers" in names else "broadcast_buffers": False}
-        ddp = DistributedDataParallel(self.model, device_ids=ids, bucket_cap_mb=c.bucket_mb,
-                                      gradient_as_bucket_view=False, **buffers)
+        # DDP's own bucket size (25 MiB): cluster.bucket_mb (1 MiB) suits the server's streaming; for
+        # an allreduce, small buckets are many more collectives, each with its fixed cost.
+        ddp = DistributedDataParallel(self.model, device_ids=ids, gradient_as_bucket_view=False, **buffers)
         if c.compression != "fp32" or self.device.type not in ("cpu", "cuda"):
             from smolcluster import ddp_hooks
 
@@ -257,13 +271,28 @@ class Rank(Lead):
 
     def _train(self, ddp: DistributedDataParallel, start: int) -> None:
         bar = Progress(self.total_steps, f"worker {self.id}", initial=start)
+        pending: Pending | None = None
         try:
             for self.step in range(start, self.total_steps):
-                loss = self._step(ddp, self.step)
-                bar.update(1, loss=f"{loss:.4f}")
+                done = self._step(ddp, self.step)
+                if pending is not None:  # the previous step's loss has long arrived by now
+                    self._settle(pending, bar)
+                pending = done
+            if pending is not None:
+                self._settle(pending, bar)
         finally:
             self.shard.close()
         bar.close()
+
+    def _settle(self, p: Pending, bar: Progress) -> None:
+        """A step's averaged loss (it travels beside the next step's gradients): log it."""
+        p.work.wait()
+        self.flat.loss = loss = float(p.side[-1])
+        p.row["worker/global_loss"] = loss
+        if self.leads:
+            p.row["train/loss"] = loss
+        self.tracker.log(p.row, p.step)
+        bar.update(1, loss=f"{loss:.4f}")
 
     def _shares(self, step: int) -> list[float]:
         """Each rank's part of this step's samples (the server's weights)."""
@@ -274,7 +303,7 @@ class Rank(Lead):
         total = sum(counts)
         return [n / total for n in counts]
 
-    def _step(self, ddp: DistributedDataParallel, step: int) -> float:
+    def _step(self, ddp: DistributedDataParallel, step: int) -> Pending:
         import torch.distributed as dist
 
         c, t = self.cfg.cluster, self.cfg.training
@@ -289,40 +318,39 @@ class Rank(Lead):
         scale = self.world * share
         (loss if scale == 1.0 else loss * scale).backward()
         t1 = time.monotonic()
-        # The loss and the BatchNorm statistics, weighted like the gradient, averaged beside the step.
+        # The loss and the BatchNorm statistics, weighted like the gradient, averaged beside the step:
+        # the statistics are waited for (the next forward needs them), the loss only a step later.
         side = torch.empty(self.flat.nbuf + 1, dtype=torch.float32, device=self.comm_device)
         side[: self.flat.nbuf].copy_(self.flat.dev_buffers).mul_(share)
         side[-1] = own * share
-        pending = dist.all_reduce(side, async_op=True)
-        if bool(torch.isfinite(self.flat.dev_grads).all()):
+        work = dist.all_reduce(side, async_op=True)
+        # One pass: NaN and Inf survive a sum (a sum past float32's range, an absurd gradient, counts too).
+        if bool(torch.isfinite(self.flat.dev_grads.sum())):
             optimizer_step(self.optimizer, t, step, self.total_steps)
         else:
             self.counters.nonfinite += 1
             logger.error(f"step {step}: the averaged gradient is not finite (some rank's NaN or Inf); "
                          "every rank skips this step")
-        pending.wait()
         if self.flat.nbuf:
+            work.wait()
             self.flat.dev_buffers.copy_(side[: self.flat.nbuf])
-        self.flat.loss = float(side[-1])
         self.flat.count_steps(step + 1)
         t2 = time.monotonic()
         self.step_times.append(t2 - t0)
         self.bytes_moved += 2 * (self.world - 1) * self.flat.nbytes  # a ring allreduce's, all ranks
-        row: dict[str, Any] = {"worker/loss": own, "worker/global_loss": self.flat.loss,
-                               "time/compute_s": t1 - t0, "time/step_s": t2 - t0}
+        row: dict[str, Any] = {"worker/loss": own, "time/compute_s": t1 - t0, "time/step_s": t2 - t0}
         last = step == self.total_steps - 1
         if self.shard.val is not None and (last or (t.eval_steps and (step + 1) % t.eval_steps == 0)):
             row.update(self.shard.validate(self.model, self.loss, step))
         if self.leads:
-            row.update({"train/loss": self.flat.loss, "train/lr": learning_rate(t, step, self.total_steps),
+            row.update({"train/lr": learning_rate(t, step, self.total_steps),
                         "train/epoch": (step + 1) / self.steps_per_epoch})
             if not last and t.eval_steps and (step + 1) % t.eval_steps == 0:
                 result = self._evaluate()
                 row.update({f"test/{k[5:]}": v for k, v in result.items() if k.startswith("test_")})
             if not last and c.checkpoint_steps and (step + 1) % c.checkpoint_steps == 0:
                 self._checkpoint()
-        self.tracker.log(row, step)
-        return self.flat.loss
+        return Pending(step, row, work, side)
 
     def _verify(self) -> list[int]:
         """Every rank's final checksum, compared with rank 0's: the workers whose replica is equal."""
