@@ -63,3 +63,21 @@ def mnist_test_digit(n: int) -> tuple[Image.Image, int]:
     (_, rows, cols), pixels = read_idx(mnist_root(DatasetConfig()) / images, 2051)
     _, ys = read_idx(mnist_root(DatasetConfig()) / labels, 2049)
     return Image.frombytes("L", (cols, rows), bytes(pixels[n * rows * cols : (n + 1) * rows * cols])), ys[n]
+
+
+def raw_http(port: int, data: bytes) -> bytes:
+    """The answer of 127.0.0.1:port to bytes sent as they are; b"" if it closed (or reset) without one."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        try:
+            s.sendall(data)
+        except OSError:  # it may stop reading (and close) before the last byte is sent
+            pass
+        answer = b""
+        try:
+            while chunk := s.recv(4096):
+                answer += chunk
+        except OSError:
+            pass
+    return answer

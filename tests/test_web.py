@@ -4,13 +4,13 @@
 from __future__ import annotations
 
 import json
-import socket
 import urllib.error
 import urllib.request
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from helpers import raw_http
 from smolcluster.runner import free_port
 from smolcluster.web import Board, serve
 
@@ -63,18 +63,8 @@ def test_unknown_paths_and_garbage_get_4xx_and_the_server_keeps_answering(board_
     assert _get(url + "/etc/passwd")[0] == 404
     port = int(url.rsplit(":", 1)[1])
     for junk, code in ((b"\x00\xff garbage\r\n\r\n", b"400"), (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", b"414")):
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-            try:
-                s.sendall(junk)
-            except OSError:  # it may stop reading (and close) before the last byte is sent
-                pass
-            answer = b""
-            try:
-                while chunk := s.recv(4096):
-                    answer += chunk
-            except OSError:
-                pass
-            assert code in answer, answer[:200]
+        answer = raw_http(port, junk)
+        assert code in answer, answer[:200]
     assert _get(url + "/healthz")[0] == 200
 
 

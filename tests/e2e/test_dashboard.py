@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from helpers import Cluster, free_port, wait_for
+from helpers import Cluster, free_port, raw_http, wait_for
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -33,22 +33,6 @@ def _get(url: str) -> bytes:
         return r.read()
 
 
-def _raw(port: int, data: bytes) -> bytes:
-    """The answer to bytes sent as they are; b"" if the server closed (or reset) without one."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        try:
-            s.sendall(data)
-        except OSError:  # it may stop reading (and close) before the last byte is sent
-            pass
-        answer = b""
-        try:
-            while chunk := s.recv(4096):
-                answer += chunk
-        except OSError:
-            pass
-    return answer
-
-
 def _code(answer: bytes) -> bytes | None:
     """The status of an answer; a request line too broken to have a version is answered as
     HTTP/0.9 (no status line), the code is in the body then."""
@@ -61,7 +45,7 @@ def _attack(url: str, port: int) -> socket.socket:
     slow = socket.create_connection(("127.0.0.1", port), timeout=15)
     slow.sendall(b"GET /api/status HTTP/1.1\r\nHost: x\r\n")  # half a request, then nothing
     with ThreadPoolExecutor(16) as pool:
-        hostile = {data: pool.submit(_raw, port, data) for data in HOSTILE}
+        hostile = {data: pool.submit(raw_http, port, data) for data in HOSTILE}
         honest = [pool.submit(_get, url + path) for path in ("/api/status", "/metrics", "/healthz") * 20]
         for data, code in HOSTILE.items():
             answer = hostile[data].result()
