@@ -138,8 +138,8 @@ def test_quick_benchmark_writes_the_expected_json(tmp_path):
 
 @pytest.mark.timeout(120)
 def test_gpu_benchmark_rows_on_the_cpu(tmp_path):
-    """bench/gpu.py end to end with `--device cpu` (there only for this): 3 steps of the 7.9M MLP on a
-    small synthetic set; the single, smolcluster and DDP rows and the copy share. Without a GPU and
+    """bench/gpu.py end to end with `--device cpu` (there only for this): 3 steps of its MLP, made small
+    (hidden 256, 128), on a small synthetic set; the single, smolcluster and DDP rows and the copy share. Without a GPU and
     without that flag it measures nothing and exits 2."""
     no_gpu = subprocess.run([sys.executable, "-m", "bench.gpu", "--models", "mlp", "--out", str(tmp_path / "x.json")],
                             cwd=REPO, env=env(CUDA_VISIBLE_DEVICES=""), capture_output=True, text=True, timeout=60)
@@ -147,7 +147,8 @@ def test_gpu_benchmark_rows_on_the_cpu(tmp_path):
     assert not (tmp_path / "x.json").exists()
     out = tmp_path / "gpu.json"
     cmd = [sys.executable, "-m", "bench.gpu", "--device", "cpu", "--quick", "--models", "mlp", "--steps", "3",
-           "--set", "dataset.name=synthetic", "--set", "dataset.train_size=256", "--out", str(out)]
+           "--set", "dataset.name=synthetic", "--set", "dataset.train_size=256", "--set", "model.hidden=[256,128]",
+           "--out", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=100)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())

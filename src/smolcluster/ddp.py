@@ -140,7 +140,7 @@ class Rank(Lead):
         self.eval_s, self.bytes_moved = 0.0, 0
         self.t_train = time.monotonic()
         self.step_times: list[float] = []
-        self.devices = {f"worker {self.id}": describe(self.device)}
+        self.devices = {str(self.id): describe(self.device)}
         self.tracker: Tracker = NullTracker()
 
     # --- joining ----------------------------------------------------------------------------
@@ -163,7 +163,8 @@ class Rank(Lead):
         logger.info(f"joined the rendezvous at {self.launch.address}:{self.launch.port} as rank {self.rank} "
                     f"of {self.world}")
         if self.leads:
-            self.devices = {f"worker {r + 1}": str(v.get("device", "?")) for r, v in sorted(got["ranks"].items())}
+            # Keyed like the server's summary: worker ids as text ("1", "2", ...).
+            self.devices = {str(r + 1): str(v.get("device", "?")) for r, v in sorted(got["ranks"].items())}
         self.tracker = start_tracker(self.cfg, f"worker-{self.id}", got.get("wandb_group"), device=describe(self.device))
         rendezvous.init_group(store, self.launch, self.backend, c.worker_timeout)
         self._store = store  # rank 0 holds the rendezvous: it must outlive every rank's group

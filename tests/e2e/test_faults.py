@@ -152,14 +152,14 @@ def test_a_hung_worker_is_dropped_for_silence_and_the_rest_go_on(tmp_path):
 def test_hostile_peers_never_disturb_training(tmp_path):
     args = [*BASE, "--set", "cluster.step_timeout=60"]
     env = {auth.TOKEN_ENV: TOKEN}
-    reference = Cluster(tmp_path / "reference", workers=2, args=args, extra_env=env).start()
-    finished(reference, ["server", "worker 1", "worker 2"])
-
     cluster = Cluster(tmp_path / "attacked", workers=2, args=args, extra_env=env)
     cluster.start({1: ["--fault", "5:sleep:15"]})
     cluster.wait_for_log("server", "all 2 workers joined")
+    # The clean run to compare with trains while worker 1 of the attacked one sleeps.
+    reference = Cluster(tmp_path / "reference", workers=2, args=args, extra_env=env).start()
     duplicate = cluster.start_worker(1, name="duplicate worker 1")
     answers = {name: attack() for name, attack in attacks(cluster.port).items()}
+    finished(reference, ["server", "worker 1", "worker 2"])
     finished(cluster, ["server", "worker 1", "worker 2"])
     assert duplicate.popen.returncode == 1 and "already connected" in duplicate.output
 
