@@ -8,6 +8,7 @@ deadline so nothing here can hang.
 from __future__ import annotations
 
 import os
+import re
 import signal
 
 import pytest
@@ -72,7 +73,9 @@ def test_fault_schedule_run_completes_with_equal_replicas_and_accuracy(tmp_path,
 def test_a_worker_lost_during_step_0_is_dropped_at_step_0(tmp_path):
     cluster = Cluster(tmp_path, workers=2, args=BASE).start({2: ["--fault", "0:kill"]})
     finished(cluster, ["server", "worker 1"])
-    assert "worker 2 dropped at step 0: connection closed" in cluster.procs["server"].output
+    # A killed peer's socket closes, or resets when it left unread bytes behind: the kernel's choice.
+    assert re.search(r"worker 2 dropped at step 0: (connection closed|socket error: .*reset by peer)",
+                     cluster.procs["server"].output), cluster.procs["server"].output[-3000:]
     assert cluster.summary()["workers_dropped"] == 1
 
 
@@ -155,10 +158,11 @@ def test_hostile_peers_never_disturb_training(tmp_path):
     cluster = Cluster(tmp_path / "attacked", workers=2, args=args, extra_env=env)
     cluster.start({1: ["--fault", "5:sleep:15"]})
     cluster.wait_for_log("server", "all 2 workers joined")
-    # The clean run to compare with trains while worker 1 of the attacked one sleeps.
-    reference = Cluster(tmp_path / "reference", workers=2, args=args, extra_env=env).start()
     duplicate = cluster.start_worker(1, name="duplicate worker 1")
     answers = {name: attack() for name, attack in attacks(cluster.port).items()}
+    duplicate.popen.wait(timeout=60)
+    # The clean run to compare with trains while worker 1 of the attacked one still sleeps.
+    reference = Cluster(tmp_path / "reference", workers=2, args=args, extra_env=env).start()
     finished(reference, ["server", "worker 1", "worker 2"])
     finished(cluster, ["server", "worker 1", "worker 2"])
     assert duplicate.popen.returncode == 1 and "already connected" in duplicate.output
