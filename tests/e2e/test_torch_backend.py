@@ -41,7 +41,7 @@ def assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: s
             f"{what}: {key} differs by {(a[key] - b[key]).abs().max().item():.3g}"
 
 
-def test_ps_and_torch_give_the_same_parameters_checkpoints_cross_and_int8_runs_in_ddp(tmp_path):
+def test_ps_and_torch_give_the_same_parameters_and_checkpoints_cross_both_ways(tmp_path):
     ps = run(tmp_path / "ps", *SGD)
     tc = run(tmp_path / "torch", *SGD, *TORCH)
     assert (ps["backend"], tc["backend"]) == ("ps", "torch")
@@ -57,14 +57,6 @@ def test_ps_and_torch_give_the_same_parameters_checkpoints_cross_and_int8_runs_i
         logs = "".join(p.read_text() for p in (out / "logs").glob("*.log"))
         assert "at step 100/200" in logs, logs[-3000:]
         assert_close(params(tmp_path / src), params(out), f"{name} vs the uninterrupted {src} run")
-    # Compression survives the move: int8 with error feedback as a DDP communication hook.
-    int8 = run(tmp_path / "int8", *SGD, *TORCH, "--set", "cluster.compression=int8")
-    assert "gradients exchanged as int8" in (tmp_path / "int8" / "logs" / "worker-1.log").read_text()
-    assert int8["replicas_verified"] == [1, 2]  # every rank decodes the same bytes: bit-equal replicas
-    a, b = params(tmp_path / "torch"), params(tmp_path / "int8")
-    moved = max((a[k] - b[k]).abs().max().item() for k in a)
-    assert 0 < moved < 0.05, moved  # lossy, so not equal; with error feedback, close
-    assert int8["test_accuracy"] >= tc["test_accuracy"] - 2.0
 
 
 def test_the_default_job_on_the_torch_backend(tmp_path):
@@ -105,11 +97,15 @@ def test_a_reachable_address_needs_the_opt_in():
     assert "cluster.torch_trust_network" in done.stderr and "192.0.2.7" in done.stderr, done.stderr[-2000:]
 
 
-def test_torchrun_starts_the_ranks(tmp_path):
+def test_torchrun_starts_the_ranks_and_int8_runs_as_a_ddp_hook(tmp_path):
+    """torchrun's environment places the ranks; the job sends int8 with error feedback, through
+    our DDP communication hook (its error bounds: tests/test_ddp_hooks.py)."""
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-            "-m", "smolcluster", "worker", *FAST, "--out", str(tmp_path)]
+            "-m", "smolcluster", "worker", *FAST, "--set", "cluster.compression=int8", "--out", str(tmp_path)]
     done = subprocess.run(argv, env=env(OMP_NUM_THREADS="1"), cwd=REPO, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-    assert "started by torchrun" in done.stderr
+    assert "started by torchrun" in done.stderr and "gradients exchanged as int8" in done.stderr
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["backend"] == "torch" and summary["replicas_verified"] == [1, 2]
+    assert summary["backend"] == "torch"
+    assert summary["replicas_verified"] == [1, 2]  # every rank decodes the same bytes: bit-equal replicas
+    assert summary["test_accuracy"] > 50  # it learned (synthetic data: 10 classes)
