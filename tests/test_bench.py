@@ -136,6 +136,7 @@ def test_quick_benchmark_writes_the_expected_json(tmp_path):
     assert "| smolcluster fp32 |" in (tmp_path / "results.md").read_text()
 
 
+@pytest.mark.bench
 @pytest.mark.timeout(120)
 def test_gpu_benchmark_rows_on_the_cpu(tmp_path):
     """bench/gpu.py end to end with `--device cpu` (there only for this): 3 steps of its MLP, made small
@@ -164,6 +165,7 @@ def test_gpu_benchmark_rows_on_the_cpu(tmp_path):
     assert "| smolcluster-cpu |" in out.with_suffix(".md").read_text()
 
 
+@pytest.mark.bench
 @pytest.mark.timeout(120)
 def test_tta_quick_writes_rows_with_time_or_not_reached(tmp_path):
     """bench/tta.py end to end on loopback (no root needed): time to accuracy of sync fp32 and diloco,
