@@ -98,6 +98,16 @@ class Pending:
     """The averaged [BatchNorm statistics..., loss] once `work` is done."""
 
 
+def _step_bytes(compression: str, chunk: int, numel: int, world: int) -> int:
+    """Bytes every rank together sends per step: fp32 goes through DDP's ring allreduce (each rank
+    2 (N-1)/N of the gradient); a codec's payload is all-gathered (each rank sends it N-1 times)."""
+    if compression == "fp32":
+        return 2 * (world - 1) * 4 * numel
+    from smolcluster.compress import make_codec
+
+    return world * (world - 1) * make_codec(compression, chunk).payload_nbytes(numel)
+
+
 class Rank(Lead):
     def __init__(self, cfg: Config, worker_id: int | None, host: str | None = None, job: Job | None = None,
                  resume: bool = False, save_params: Path | None = None) -> None:
@@ -132,6 +142,8 @@ class Rank(Lead):
         sizes = [len(s) - data.held_out(len(s), cfg.dataset.validation_split) for s in lay.shards]
         self.schedules = [Schedule(n, b) for n, b in zip(sizes, lay.batches)]
         """Every rank's draws, so that each knows every rank's batch size at every step (the weights)."""
+        self.step_bytes = _step_bytes(c.compression, c.int8_chunk, self.flat.numel, self.world)
+        """What all ranks send in a step, estimated (gloo counts nothing): summary.json's bytes_moved."""
         # What Lead reads and writes:
         self.board = None
         self.step = 0
@@ -338,7 +350,7 @@ class Rank(Lead):
         self.flat.count_steps(step + 1)
         t2 = time.monotonic()
         self.step_times.append(t2 - t0)
-        self.bytes_moved += 2 * (self.world - 1) * self.flat.nbytes  # a ring allreduce's, all ranks
+        self.bytes_moved += self.step_bytes
         row: dict[str, Any] = {"worker/loss": own, "time/compute_s": t1 - t0, "time/step_s": t2 - t0}
         last = step == self.total_steps - 1
         if self.shard.val is not None and (last or (t.eval_steps and (step + 1) % t.eval_steps == 0)):
